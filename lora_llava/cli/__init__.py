@@ -1,0 +1,57 @@
+"""`lora-llava VERB ...`: parse arguments, call the library, map errors to exit codes.
+
+Each verb lives in its own small module with `register(subparsers)`; this
+module only dispatches. Errors a user can cause (`LoraLlavaError`) print one
+line and exit 2 (input / usage) or 1 (run time); `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+VERBS = ("train", "make_tiny")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lora-llava", description="LoRA / QLoRA domain adaptation of LLaVA-1.5, faithful to the paper."
+    )
+    parser.add_argument("--version", action="version", version=f"lora-llava {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in VERBS:
+        importlib.import_module(f".{name}", __name__).register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import LoraLlavaError
+
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LoraLlavaError as e:
+        if debug:
+            raise
+        print(f"lora-llava {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"lora-llava {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or an environment problem: one line unless --debug
+        if debug:
+            raise
+        print(f"lora-llava {args.verb}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""The data pipeline: dataset files -> samples -> template -> tokens and labels -> batches."""

@@ -1,0 +1,124 @@
+"""Prompt templates, rendered to text plus the character spans that are supervised.
+
+The exact strings (pinned by tests):
+
+* `vicuna_v1` (LLaVA-1.5 stage 2), BOS first:
+  `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`
+  Generation prompt: `{system} USER: <image>\\n{q} ASSISTANT:`
+* `plain` (LLaVA-1.5 stage 1), BOS first: `<image>{caption}\\n`; the human turn is dropped
+  and, as in the reference, no `</s>` follows (only the caption and the newline are supervised).
+* `chat_template`: the model's own Jinja template, rendered turn by turn; BOS is added when
+  the template does not write it, and `</s>` after each answer when the template omits it
+  (llava-hf's does, and a model trained without it never learns to stop).
+
+Supervised spans are each answer plus its end-of-sequence token; everything
+else (BOS, system, user turns, role markers, image tokens) is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import IMAGE_TAG, Sample
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+TEMPLATES = ("vicuna_v1", "plain", "chat_template")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    supervised: tuple[tuple[int, int], ...]  # [start, end) character spans of answers (+ EOS)
+    round_ends: tuple[int, ...]  # character offset where each user/assistant round ends
+
+
+def render(sample: Sample, template: str, tokenizer, system_prompt: str | None = None) -> Rendered:
+    """The training text of a sample under `template`, with its supervised spans."""
+    if template == "vicuna_v1":
+        return _render_vicuna(sample.turns, system_prompt or sample.system or VICUNA_SYSTEM, tokenizer.eos_token)
+    if template == "plain":
+        return _render_plain(sample.turns)
+    if template == "chat_template":
+        return _render_chat_template(sample.turns, sample.system or system_prompt, tokenizer)
+    raise ValueError(f"unknown template {template!r}")
+
+
+def generation_prompt(
+    turns: list[tuple[str, str]], template: str, tokenizer, system_prompt: str | None = None
+) -> str:
+    """The prompt text for answering the last user turn of `turns` (earlier rounds answered)."""
+    if template == "vicuna_v1":
+        done = _render_vicuna(tuple(turns[:-1]), system_prompt or VICUNA_SYSTEM, tokenizer.eos_token).text
+        if not done:
+            done = (system_prompt or VICUNA_SYSTEM) + " "
+        return f"{done}USER: {turns[-1][1]} ASSISTANT:"
+    if template == "plain":
+        return IMAGE_TAG if IMAGE_TAG in turns[-1][1] else ""
+    messages = _messages(turns, system_prompt)
+    return _apply(tokenizer, messages, add_generation_prompt=True)
+
+
+def _render_vicuna(turns: tuple[tuple[str, str], ...], system: str, eos: str) -> Rendered:
+    if not turns:
+        return Rendered("", (), ())
+    text = system + " "
+    spans, ends = [], []
+    for k in range(0, len(turns), 2):
+        text += f"USER: {turns[k][1]} ASSISTANT: "
+        start = len(text)
+        text += turns[k + 1][1] + eos
+        spans.append((start, len(text)))
+        ends.append(len(text))
+    return Rendered(text, tuple(spans), tuple(ends))
+
+
+def _render_plain(turns: tuple[tuple[str, str], ...]) -> Rendered:
+    # LLaVA's preprocess_plain replaces the human turn by the image token alone.
+    prefix = IMAGE_TAG if IMAGE_TAG in turns[0][1] else ""
+    caption = turns[1][1]
+    text = prefix + caption + "\n"
+    return Rendered(text, ((len(prefix), len(text)),), (len(text),))
+
+
+def _messages(turns, system: str | None) -> list[dict]:
+    msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return msgs + [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in turns]
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _render_chat_template(turns: tuple[tuple[str, str], ...], system: str | None, tokenizer) -> Rendered:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template chat_template: this tokenizer has no chat template (use vicuna_v1)")
+    eos = tokenizer.eos_token
+    msgs = _messages(turns, system)
+    offset = 1 if system else 0
+    text, spans, ends = "", [], []
+    rendered_so_far = _apply(tokenizer, msgs[:offset], add_generation_prompt=False)
+    text = rendered_so_far
+    for k in range(0, len(turns), 2):
+        with_prompt = _apply(tokenizer, msgs[: offset + k + 1], add_generation_prompt=True)
+        with_answer = _apply(tokenizer, msgs[: offset + k + 2], add_generation_prompt=False)
+        if not with_prompt.startswith(rendered_so_far) or not with_answer.startswith(with_prompt):
+            raise ValueError("template chat_template: the chat template does not render turn by turn (use vicuna_v1)")
+        text += with_prompt[len(rendered_so_far) :]
+        answer_part = with_answer[len(with_prompt) :]
+        lead = len(answer_part) - len(answer_part.lstrip())
+        body = answer_part.strip()
+        text += answer_part[:lead]
+        start = len(text)
+        text += body
+        # The template's own EOS (if any) stays inside the span; otherwise we add one.
+        if not body.endswith(eos):
+            text += eos
+        spans.append((start, len(text)))
+        ends.append(len(text))
+        rendered_so_far = with_answer
+    return Rendered(text, tuple(spans), tuple(ends))

@@ -1,0 +1,125 @@
+"""Run folders: what lives where, whether a folder may be used, and which checkpoint to resume.
+
+A run folder belongs to one recipe (its `recipe.yaml`). Starting again with
+the same recipe resumes from the newest complete `checkpoint-<step>`; a
+different recipe, or a folder that is not a run, is refused unless
+`--overwrite`, so nothing that was there is lost by accident.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import OutputError
+from .recipe import Recipe, dump_recipe, recipe_to_dict
+
+# Keys that may change between a run and its resumption without changing what is trained.
+RESUME_FREE_KEYS = {
+    "train.output_dir",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+    "data.num_workers",
+    "data.eval",
+}
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def projector(self) -> Path:
+        return self.root / "projector.safetensors"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (they hold trainer_state.json, written last), oldest first."""
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = CHECKPOINT.match(p.name)
+            if m and p.is_dir() and (p / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Training-relevant keys whose values differ between two resolved recipes."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
+
+
+def prepare_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str | bool | None, create: bool) -> Path | None:
+    """Check that `out` may be used; with `create`, make it and record the recipe. Returns the checkpoint to resume."""
+    paths = RunPaths(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"train.output_dir: {out} exists and is not a folder")
+    used = out.is_dir() and any(out.iterdir())
+    if used and overwrite:
+        if create:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        used = False
+    checkpoint = None
+    if used:
+        if not paths.recipe.is_file():
+            raise OutputError(f"train.output_dir: {out} is not empty and holds no lora-llava run (use --overwrite to replace it)")
+        old = yaml.safe_load(paths.recipe.read_text(encoding="utf-8")) or {}
+        diff = changed_keys(old, recipe_to_dict(recipe))
+        if diff:
+            raise OutputError(
+                f"train.output_dir: {out} holds a run of a different recipe (changed: {', '.join(diff)}); "
+                "use another output_dir, or --overwrite to replace it"
+            )
+        found = checkpoints(out)
+        if isinstance(resume, str):
+            checkpoint = Path(resume)
+            if not (checkpoint / "trainer_state.json").is_file():
+                raise OutputError(f"--resume: {resume} is not a complete checkpoint")
+        elif resume is False and found:
+            raise OutputError(f"train.output_dir: {out} has checkpoints and --no-resume was given; use --overwrite to start over")
+        elif found:
+            checkpoint = found[-1]
+        elif (out / "adapter_model.safetensors").is_file() or paths.projector.is_file():
+            raise OutputError(f"train.output_dir: {out} holds a finished run of this recipe; use --overwrite to train it again")
+    elif isinstance(resume, str):
+        raise OutputError(f"--resume: {resume} is not a complete checkpoint")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, paths.recipe)
+    return checkpoint

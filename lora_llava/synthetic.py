@@ -1,0 +1,113 @@
+"""Generated domain data for the demo and the tests: coloured shapes, with VQA and captions.
+
+A small domain with a visible answer: one shape of one colour on a light
+background, in images of varied (non-square) sizes. Questions come in the
+forms medical VQA sets use: closed (yes/no) and open (one word).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(shape: str, colour: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    w, h = size
+    im = Image.new("RGB", size, (245, 245, 240))
+    d = ImageDraw.Draw(im)
+    s = int(min(w, h) * rng.uniform(0.45, 0.7))
+    x0, y0 = rng.randint(0, w - s), rng.randint(0, h - s)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
+    elif shape == "square":
+        d.rectangle([x0, y0, x0 + s, y0 + s], fill=fill)
+    else:
+        d.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=fill)
+    return im
+
+
+def _qa(shape: str, colour: str, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question, answer, question type) triples about one image."""
+    probe = rng.choice(SHAPES)
+    return [
+        ("What colour is the shape?", colour, "open"),
+        (f"Is there a {probe}?", "yes" if probe == shape else "no", "closed"),
+        ("What shape is shown?", shape, "open"),
+    ]
+
+
+def make_shapes_dataset(
+    folder: str | Path,
+    n_images: int = 64,
+    seed: int = 0,
+    split: str = "train",
+    multi_turn: bool = False,
+    image_size: tuple[int, int] = (64, 48),
+) -> Path:
+    """Write `images/` and `{split}.json` (LLaVA format) under `folder`; returns the JSON path.
+
+    Each image yields one sample per question (or one multi-turn sample).
+    Samples carry `question_type` (closed / open) and `answer` for evaluation.
+    """
+    root = Path(folder)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n_images):
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        w, h = image_size
+        size = (w, h) if rng.random() < 0.5 else (h, w)
+        name = f"{split}_{i:05d}.png"
+        draw_shape(shape, colour, size, rng).save(root / "images" / name)
+        qas = _qa(shape, colour, rng)
+        if multi_turn:
+            conv = []
+            for k, (q, a, _) in enumerate(qas):
+                conv += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
+            samples.append({"id": f"{split}-{i}", "image": name, "conversations": conv})
+            continue
+        for k, (q, a, qtype) in enumerate(qas):
+            samples.append(
+                {
+                    "id": f"{split}-{i}-{k}",
+                    "image": name,
+                    "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+                    "question_type": qtype,
+                    "answer": a,
+                }
+            )
+    path = root / f"{split}.json"
+    path.write_text(json.dumps(samples, indent=1), encoding="utf-8")
+    return path
+
+
+def make_caption_dataset(folder: str | Path, n_images: int = 64, seed: int = 0) -> Path:
+    """Stage-1 style captions (LLaVA pretraining JSON: `<image>` then the caption)."""
+    root = Path(folder)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n_images):
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        name = f"cap_{i:05d}.png"
+        draw_shape(shape, colour, (56, 56), rng).save(root / "images" / name)
+        samples.append(
+            {
+                "id": f"cap-{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                    {"from": "gpt", "value": f"a {colour} {shape}"},
+                ],
+            }
+        )
+    path = root / "captions.json"
+    path.write_text(json.dumps(samples, indent=1), encoding="utf-8")
+    return path

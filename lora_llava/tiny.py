@@ -1,0 +1,170 @@
+"""An offline, randomly initialised model of the LLaVA-1.5 shape.
+
+Tests and the demo cannot download `llava-hf/llava-1.5-7b-hf`, so this writes a
+folder with the same structure at a tiny size: a CLIP vision tower read at
+layer -2 with the CLS token dropped, a 2-layer GELU projector, a LLaMA language
+model, a LLaMA-style tokenizer (`<s>`, `</s>`, `<unk>`, then `<image>` and
+`<pad>` appended as llava-hf does), a LlavaProcessor with LLaVA-1.5 image
+settings, and the llava-hf chat template. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The chat template llava-hf ships with llava-1.5-*-hf (no system prompt, no
+# `</s>` after answers). `chat_template` mode in lora_llava.data handles both.
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_WORDS = (
+    "a chat between curious user and an artificial intelligence assistant the gives helpful detailed polite answers "
+    "to user's questions USER ASSISTANT what is shown in this image picture photo describe there of colour color shape "
+    "red green blue yellow white black purple orange circle square triangle star cross yes no one two three four "
+    "is are does do it a an on left right top bottom center large small lesion lung heart chest x-ray ct mri scan "
+    "normal abnormal fracture organ tissue cell patient answer the question using single word or phrase caption "
+    "document table chart text invoice total price product shelf store brand name which how many where why when who "
+    "0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) - _ / + = % abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A LLaMA-style (SentencePiece-like BPE, BOS added) fast tokenizer trained on a small word list."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    letters = sorted(set(_WORDS.replace(" ", "")))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=letters + ["▁", "\n"], show_progress=False
+    )
+    words = _WORDS.split()
+    corpus = [" ".join(words[i : i + 12]) for i in range(0, len(words), 3)]
+    corpus += [" ".join(p) for p in itertools.permutations(words[:12], 3)]
+    corpus += ["<image>\n" + line for line in corpus[:50]]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="right", model_max_length=4096
+    )
+    # llava-hf appends <image> (32000) and <pad> (32001) after the LLaMA vocabulary.
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    hf.add_special_tokens({"pad_token": "<pad>"})
+    return hf
+
+
+def build_image_processor(image_size: int):
+    """LLaVA-1.5 image settings: CLIP normalisation, pad to square with the mean colour, then resize."""
+    from transformers import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(
+        do_pad=True,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int, chat_template: str | None = LLAVA_HF_CHAT_TEMPLATE):
+    """A LlavaProcessor that expands `<image>` to (image_size/patch_size)^2 tokens.
+
+    `num_additional_image_tokens=1` accounts for CLIP's CLS token, which the
+    `default` feature strategy drops; without it the processor inserts one
+    token too few and the model raises a feature/token mismatch.
+    """
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=build_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+        image_token="<image>",
+    )
+
+
+def tiny_configs(vocab_size: int, image_size: int = 336, patch_size: int = 14, seed_dims: dict | None = None):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    d = {"vision_hidden": 32, "text_hidden": 64, "layers": 2, **(seed_dims or {})}
+    vision = CLIPVisionConfig(
+        hidden_size=d["vision_hidden"],
+        intermediate_size=d["vision_hidden"] * 2,
+        num_hidden_layers=d["layers"],
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=d["vision_hidden"],
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d["text_hidden"],
+        intermediate_size=d["text_hidden"] * 2,
+        num_hidden_layers=d["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return vision, text
+
+
+def make_tiny(
+    output_dir: str | Path,
+    image_size: int = 336,
+    patch_size: int = 14,
+    seed: int = 0,
+    text_hidden: int = 64,
+    vision_hidden: int = 32,
+    layers: int = 2,
+) -> Path:
+    """Write a tiny random LLaVA-1.5-shaped llava-hf folder (model, processor, tokenizer, chat template)."""
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    vision, text = tiny_configs(
+        len(tokenizer), image_size, patch_size, {"text_hidden": text_hidden, "vision_hidden": vision_hidden, "layers": layers}
+    )
+    n_image_tokens = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(out)
+    build_processor(tokenizer, image_size, patch_size).save_pretrained(out)
+    return out
