@@ -20,6 +20,23 @@ import yaml
 
 from .errors import RecipeError
 
+# Names used by peft, transformers and LLaVA's scripts for keys this recipe spells differently.
+SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "mm_projector_lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "model_max_length": "max_length",
+    "image_aspect_ratio": "image_aspect",
+    "model_name_or_path": "name_or_path",
+    "conv_version": "template",
+}
 LLM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -238,7 +255,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = [SYNONYMS[key]] if SYNONYMS.get(key) in fields else difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             extra = f" (did you mean {prefix}{hint[0]}?)" if hint else f" (allowed: {', '.join(fields)})"
             problems.append(f"{prefix}{key}: unknown key{extra}")
     kwargs = {}
