@@ -10,6 +10,8 @@ The public API is imported lazily, so `import lora_llava` stays cheap:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -20,13 +22,31 @@ _API = {
     "parse_recipe": "recipe",
     "train": "train",
     "make_tiny": "tiny",
+    "make_tiny_parts": "tiny",
+    "make_tiny_original": "tiny",
+    "load_or_compose": "compose",
+    "compose_model": "compose",
+    "convert_checkpoint": "convert",
+    "train_stages": "pipeline",
     "LoraLlavaError": "errors",
+    "check": "check",
+    "LlavaDataset": "data.dataset",
+    "merge": "merge",
+    "estimate": "memory",
+    "model_shape": "memory",
 }
 
 __all__ = sorted(_API)
 
 
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module 'lora_llava' has no attribute {name!r}")
+class _Package(types.ModuleType):
+    """Resolves API names first: importing the submodule `lora_llava.train` binds the module to
+    the package attribute `train`, which would otherwise hide the function of the same name."""
+
+    def __getattribute__(self, name: str):
+        if name in _API:
+            return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package

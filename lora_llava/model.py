@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import fsdp_enabled
 from .errors import ModelError
 from .recipe import ModelConfig
 
@@ -55,6 +56,9 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            # FSDP shards flat tensors of one dtype: packing the 4-bit weights into the model's own
+            # dtype (bf16) instead of uint8 lets them shard beside the 16-bit weights (FSDP-QLoRA).
+            bnb_4bit_quant_storage=compute_dtype if fsdp_enabled() else torch.uint8,
             llm_int8_skip_modules=QUANT_SKIP_MODULES,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)

@@ -62,7 +62,10 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of name_or_path.")
     vision_tower: str | None = _f(None, "Compose a new LLaVA-1.5: CLIP vision checkpoint (with language_model).")
     language_model: str | None = _f(None, "Compose a new LLaVA-1.5: LLaMA-family LLM checkpoint (with vision_tower).")
-    projector: str | None = _f(None, "Load the projector from a stage-1 output folder (or a projector.safetensors file).")
+    projector: str | None = _f(
+        None,
+        "Start from this projector: a stage-1 run folder, a projector.safetensors, a llava-hf folder, or LLaVA's mm_projector.bin.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +90,9 @@ class ProjectorConfig:
 class DatasetSpec:
     path: str = _f(help="LLaVA JSON / JSONL file, a Hugging Face dataset folder (save_to_disk), or parquet / jsonl.")
     image_folder: str | None = _f(None, "Folder that image paths are relative to.")
-    format: Literal["auto", "llava", "hf"] = _f("auto", "auto: from the path (.json/.jsonl: llava unless it has messages; folder/.parquet: hf).")
+    format: Literal["auto", "llava", "hf"] = _f(
+        "auto", "auto: from the path (.json/.jsonl: read as JSON, LLaVA or chat layout per record; folder/.parquet/.arrow: hf)."
+    )
     weight: float | None = _f(None, "Sampling weight in a mixture: the dataset is repeated or subsampled to weight x its size.", gt=0)
     max_samples: int | None = _f(None, "Use at most this many samples of the dataset.", gt=0)
     response_suffix: str | None = _f(
@@ -109,8 +114,14 @@ class DataConfig:
         None, "Batches of image-only or text-only samples of similar length. null: on for instruct, off for align."
     )
     num_workers: int = _f(0, "DataLoader workers that decode images and tokenise.", min=0)
+    validate: Literal["full", "index"] = _f(
+        "full",
+        "Before training: full decodes every image and tokenises every sample (as `lora-llava check`, in num_workers "
+        "processes); index reads the index only (structure, image paths) and starts in seconds, and an unreadable or "
+        "too-long sample met during training is then skipped and counted.",
+    )
     on_bad_sample: Literal["error", "skip"] = _f("error", "Bad samples found before training: stop with an error, or skip and count them.")
-    max_bad_fraction: float = _f(0.0, "Share of bad samples `check` and skip mode tolerate.", min=0, max=1)
+    max_bad_fraction: float = _f(0.0, "Share of bad samples `lora-llava check` and on_bad_sample: skip tolerate (per split).", min=0, max=1)
     allow_absolute_paths: bool = _f(False, "Allow image paths outside their image folder (absolute or ../).")
 
 
@@ -130,11 +141,17 @@ class TrainConfig:
         "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged AdamW."
     )
     gradient_checkpointing: bool = _f(True, "Non-reentrant activation checkpointing of the language model.")
+    loss: Literal["chunked", "standard"] = _f(
+        "chunked", "chunked: cross-entropy over lm_head in chunks, never the full fp32 logits (same loss). standard: the model's own loss."
+    )
     logging_steps: int = _f(1, "Log the loss every N steps.", gt=0)
     save_steps: int = _f(500, "Save a checkpoint every N steps.", gt=0)
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.", gt=0)
     eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null: only at the end).", gt=0)
     seed: int = _f(42, "Seed of initialisation, data order and dropout.")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "A step with a non-finite loss or gradients: stop (the last good checkpoint stays), or skip the step and count it."
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,12 +298,19 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append("model.name_or_path: give either name_or_path or vision_tower + language_model, not both")
     if bool(m.vision_tower) != bool(m.language_model):
         problems.append("model.vision_tower / model.language_model: composing a model needs both")
+    if m.revision and not m.name_or_path:
+        problems.append("model.revision: applies to model.name_or_path only (pin a composed part's revision in its folder)")
     if r.stage == "align" and m.quantization != "none":
         problems.append("model.quantization: stage align trains only the projector on a frozen model; use quantization: none")
     if r.template == "plain" and r.stage == "instruct":
         problems.append("data.template: 'plain' is the stage-1 caption template; stage instruct needs vicuna_v1 or chat_template")
     if not r.data.train:
         problems.append("data.train: at least one dataset is required")
+    if r.data.on_bad_sample == "skip" and r.data.max_bad_fraction == 0:
+        problems.append(
+            "data.on_bad_sample: skip needs data.max_bad_fraction > 0, the share of bad samples you accept (e.g. 0.01); "
+            "with 0 any bad sample stops the run"
+        )
     bad = [t for t in r.lora.target_modules if t not in LLM_LINEAR_LAYERS]
     if bad:
         problems.append(f"lora.target_modules: {bad} are not linear layers of the language model ({', '.join(LLM_LINEAR_LAYERS)})")

@@ -8,6 +8,7 @@ different recipe, or a folder that is not a run, is refused unless
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ RESUME_FREE_KEYS = {
     "data.eval",
 }
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"  # checkpoints are written here, then renamed into place
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ def prepare_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str |
     paths = RunPaths(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"train.output_dir: {out} exists and is not a folder")
+    ancestor = next(p for p in (out, *out.parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise OutputError(f"train.output_dir: cannot write {out} ({ancestor} is not a writable folder)")
     used = out.is_dir() and any(out.iterdir())
     if used and overwrite:
         if create:
@@ -120,6 +125,41 @@ def prepare_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str |
     elif isinstance(resume, str):
         raise OutputError(f"--resume: {resume} is not a complete checkpoint")
     if create:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"train.output_dir: cannot create {out} ({e.strerror})") from None
+        clean_incomplete(out)
+        truncate_metrics(paths.metrics, _step_of(checkpoint) if checkpoint is not None else 0)
         dump_recipe(recipe, paths.recipe)
     return checkpoint
+
+
+def _step_of(checkpoint: Path) -> int:
+    m = CHECKPOINT.match(checkpoint.name)
+    if m:
+        return int(m.group(1))
+    import json
+
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+
+
+def clean_incomplete(out: Path) -> None:
+    """Remove what a killed save left: the staging folder, checkpoint folders without their state."""
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    shutil.rmtree(out / ".staging-final", ignore_errors=True)
+    for p in out.iterdir():
+        if CHECKPOINT.match(p.name) and p.is_dir() and not (p / "trainer_state.json").is_file():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from: they are about to be logged again."""
+    import json
+
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
+from . import distributed
 from .data.dataset import ModalityLengthSampler
-from .errors import TrainingError
+from .guards import StepGuard
 from .lora import param_groups
-from .recipe import Recipe
+from .loss import causal_lm_loss, lm_head_sharded
+from .recipe import Recipe, dump_recipe
+from .runs import STAGING
 
 
 def build_optimizer(groups: list[dict], name: str) -> torch.optim.Optimizer:
@@ -47,8 +53,42 @@ class LlavaTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = build_optimizer(param_groups(self.model, self.recipe), self.recipe.train.optimizer)
+            # Under FSDP the Trainer passes the wrapped model, whose parameters are the ones to optimise.
+            target = model if model is not None else self.model
+            self.optimizer = build_optimizer(param_groups(target, self.recipe), self.recipe.train.optimizer)
+            self.step_guard = StepGuard(self.optimizer, self.recipe.train.on_nonfinite, lambda: self.state.global_step + 1)
         return self.optimizer
+
+    def _save_checkpoint(self, model, trial):
+        """Write `checkpoint-<step>` into a staging folder, then rename it into place.
+
+        A kill during the save leaves only the staging folder, which resumption
+        ignores and removes; the previous checkpoint stays whole.
+        """
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_root = run_dir / STAGING
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        # Every rank writes its own RNG state (and, sharded, its shards) into the staging folder:
+        # rank 0 may only move it once all of them are done.
+        distributed.barrier()
+        if self.args.should_save:
+            staged = run_dir / STAGING / name
+            (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml says the same safely
+            dump_recipe(self.recipe, staged / "recipe.yaml")
+            final = run_dir / name
+            if final.exists():  # the same step saved again (e.g. a signal right after a scheduled save)
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging_root", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
@@ -61,14 +101,15 @@ class LlavaTrainer(Trainer):
         skipped = inputs.pop("skipped", None)
         if skipped:
             self.skipped_samples += len(skipped)
-        loss_and_out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = loss_and_out[0] if return_outputs else loss_and_out
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; the last good checkpoint is kept in "
-                f"{self.args.output_dir} (lower train.learning_rate, or check the data)"
-            )
-        return loss_and_out
+        # A non-finite loss makes non-finite gradients, which StepGuard refuses at the optimizer step.
+        # FSDP / ZeRO-3 shard lm_head, which the chunked loss reads outside its forward: the model's loss there.
+        if self.recipe.train.loss == "standard" or "labels" not in inputs or lm_head_sharded(self.accelerator):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = causal_lm_loss(model, inputs, num_items_in_batch)
+        # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
 
 class MetricsCallback(TrainerCallback):

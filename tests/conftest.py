@@ -47,11 +47,37 @@ def shapes(session_dir) -> Path:
     return root
 
 
-def recipe_dict(model: Path, data: Path, output_dir: Path, **sections) -> dict:
+@pytest.fixture(scope="session")
+def tiny_parts(session_dir) -> tuple[Path, Path]:
+    """A tiny CLIP (full CLIPModel) and a tiny LLaMA with a plain tokenizer: the inputs of a composed LLaVA-1.5."""
+    from lora_llava.tiny import make_tiny_parts
+
+    return make_tiny_parts(session_dir / "parts", image_size=TINY_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def captions(session_dir) -> Path:
+    """Generated stage-1 caption data (LLaVA pretraining JSON): captions.json and images/."""
+    from lora_llava.synthetic import make_caption_dataset
+
+    root = session_dir / "captions"
+    make_caption_dataset(root, n_images=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model):
+    """The tiny model's LlavaProcessor (tokenizer + image processor), for data tests that need no weights."""
+    from lora_llava.model import load_processor
+
+    return load_processor(str(tiny_model))
+
+
+def recipe_dict(model_dir: Path, data: Path, output_dir: Path, /, **sections) -> dict:
     """A small stage-2 recipe for the tiny model (plain LoRA, fp32, 3 steps)."""
     recipe = {
         "stage": "instruct",
-        "model": {"name_or_path": str(model), "dtype": "float32"},
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "projector": {"learning_rate": 1e-3},
         "data": {

@@ -12,8 +12,9 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
-VERBS = ("train", "make_tiny")
+VERBS = ("train", "make_tiny", "convert", "check", "merge", "estimate", "predict", "chat", "eval", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,26 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .. import distributed
     from ..errors import LoraLlavaError
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # Library chatter that is not about the user's run: bitsandbytes' optional kernels package,
+        # deprecation notices raised inside transformers itself.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    distributed.quiet_replicas()
     try:
         return int(args.func(args) or 0)
     except LoraLlavaError as e:
         if debug:
             raise
-        print(f"lora-llava {args.verb}: error: {e}", file=sys.stderr)
+        print(distributed.name_rank(f"lora-llava {args.verb}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"lora-llava {args.verb}: interrupted", file=sys.stderr)
+        print(distributed.name_rank(f"lora-llava {args.verb}: interrupted"), file=sys.stderr)
         return 130
     except Exception as e:  # a bug, or an environment problem: one line unless --debug
         if debug:
             raise
-        print(f"lora-llava {args.verb}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        line = f"lora-llava {args.verb}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)"
+        print(distributed.name_rank(line), file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()  # a rank that leaves the group lets the launcher stop the others instead of leaving them waiting

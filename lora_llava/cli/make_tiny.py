@@ -9,12 +9,29 @@ def register(sub, common) -> None:
     p.add_argument("--image-size", type=int, default=336, help="vision tower input size (336 as LLaVA-1.5; 56 keeps tests fast)")
     p.add_argument("--patch-size", type=int, default=14)
     p.add_argument("--seed", type=int, default=0)
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--parts",
+        action="store_true",
+        help="write a CLIP tower (DIR/clip) and an LLM with its tokenizer (DIR/llm) to compose from (model.vision_tower, model.language_model)",
+    )
+    layout.add_argument(
+        "--original",
+        action="store_true",
+        help="write a checkpoint in the original LLaVA layout (DIR/llava, DIR/clip) for `lora-llava convert`",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..tiny import make_tiny
+    from ..tiny import make_tiny, make_tiny_original, make_tiny_parts
 
-    out = make_tiny(args.output_dir, image_size=args.image_size, patch_size=args.patch_size, seed=args.seed)
-    print(out)
+    sizes = dict(image_size=args.image_size, patch_size=args.patch_size, seed=args.seed)
+    if args.parts:
+        for folder in make_tiny_parts(args.output_dir, **sizes):
+            print(folder)
+    elif args.original:
+        print(make_tiny_original(args.output_dir, **sizes))
+    else:
+        print(make_tiny(args.output_dir, **sizes))
     return 0

@@ -1,108 +1,113 @@
-"""The training dataset: a mixture of dataset files, read lazily, one sample at a time.
+"""The training dataset: a mixture of datasets, read lazily, one sample at a time.
 
-Start-up reads each dataset's index and validates its structure (roles, turn
-order, tag/image counts, image paths). Images are decoded and text tokenised
-in `__getitem__`, i.e. in DataLoader workers. What can only be found there
-(a corrupt image, a sample that cannot fit `max_length`) is skipped, replaced
-by the next good sample, logged with its id and counted, so that a run never
-dies in its middle; `lora-llava check` finds such samples beforehand.
+Start-up reads each dataset's index once and validates every record's
+structure (roles, turn order, answers, tag/image counts) and image paths
+(inside the image folder, present); bad samples are reported with their id
+and left out of the mixture. Images are decoded and text tokenised in
+`__getitem__`, i.e. in DataLoader workers. What only shows there (a corrupt
+image, a sample that cannot fit `max_length`) is found before training by
+`validate.validate` (`data.validate: full`, and `lora-llava check`); if one
+still turns up in a worker, it is logged with its id, replaced by another
+sample of the same modality and counted, so a run never dies in its middle.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import DataError
 from ..recipe import DatasetSpec
+from .batching import ModalityLengthSampler  # noqa: F401  (the trainer imports it from here)
 from .encode import Encoded, encode, image_token_count
-from .formats import IMAGE_TAG, Sample, SampleError, detect_format, read_records, resolve_image, to_sample
-from .images import open_image, pixel_values, to_rgb
+from .formats import IMAGE_TAG, UNREADABLE_IMAGE, Sample, SampleError, to_sample
+from .images import load_image, pixel_values
+from .paths import ImageResolver, image_folder
+from .readers import EMBEDDED, ArrowRows, iter_hf, read_hf, read_llava, reads_as_json
 from .templates import render
 
 log = logging.getLogger(__name__)
+_load_image = load_image  # the name evaluate.py imports
 
 
 @dataclass
 class ScanReport:
-    """What validating the index found: counts per dataset, and the bad samples."""
+    """Records per dataset, and the bad samples found (index scan, then `validate.validate` if it ran)."""
 
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # dataset path -> records
     bad: list[tuple[str, SampleError]] = field(default_factory=list)  # (dataset path, error)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def by_kind(self) -> dict[str, list[tuple[str, SampleError]]]:
-        out: dict[str, list] = {}
-        for path, err in self.bad:
-            out.setdefault(err.kind, []).append((path, err))
-        return out
 
+class Source:
+    """One dataset of a mixture: its records, and what the index scan found in each."""
 
-class _Source:
-    """One dataset file: its records, format and spec."""
-
-    def __init__(self, spec: DatasetSpec):
+    def __init__(self, spec: DatasetSpec, allow_absolute_paths: bool = False):
         self.spec = spec
-        self.fmt = detect_format(spec)
-        self.records = read_records(spec)
-        if self.fmt == "hf":
-            self.records = _lazy_images(self.records)
+        self.resolver = ImageResolver(image_folder(spec), allow_absolute_paths)
+        self.bad: list[SampleError] = []
+        words: list[int] = []
+        images: list[int] = []
+        good: list[int] = []
+
+        def visit(i: int, record: Any) -> None:
+            try:
+                s = to_sample(record, i, spec)
+                for ref in s.images:
+                    if isinstance(ref, str) and ref != EMBEDDED:
+                        self.resolver.check(ref, s.id)
+            except SampleError as e:
+                self.bad.append(e)
+                words.append(0)
+                images.append(0)
+                return
+            # LLaVA's cheap length for batching: words of the conversation.
+            words.append(sum(len(text.split()) for _, text in s.turns))
+            images.append(len(s.images))
+            good.append(i)
+
+        if reads_as_json(spec):
+            self.records = read_llava(spec.path, visit)
+        else:
+            ds = read_hf(spec.path)
+            for i, row in enumerate(iter_hf(ds)):
+                visit(i, row)
+            self.records = ArrowRows(ds)
+        self.words = np.asarray(words, dtype=np.int32)
+        self.images = np.asarray(images, dtype=np.int16)
+        self.good = np.asarray(good, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def sample(self, i: int, allow_absolute: bool) -> Sample:
-        s = to_sample(self.records[i], i, self.spec, self.fmt)
-        images = tuple(resolve_image(p, self.spec, s.id, allow_absolute) for p in s.images)
-        return Sample(s.id, s.turns, images, s.system)
+    def sample(self, i: int) -> Sample:
+        """Record i as a Sample whose images are checked paths or image data."""
+        s = to_sample(self.records[i], i, self.spec)
+        return dataclasses.replace(s, images=tuple(self._image(ref, s.id) for ref in s.images))
+
+    def _image(self, ref: Any, sample_id: str) -> Any:
+        if isinstance(ref, dict) and not ref.get("bytes") and isinstance(ref.get("path"), str):
+            ref = ref["path"]  # an HF image column that stores paths only
+        return self.resolver.resolve(ref, sample_id, must_exist=False) if isinstance(ref, str) else ref
 
 
-def _lazy_images(ds):
-    """Keep HF image columns undecoded: the index scan must not decode every image."""
-    import datasets
-
-    feat = ds.features.get("images")
-    inner = getattr(feat, "feature", None)
-    if isinstance(inner, datasets.Image) and inner.decode:
-        ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    return ds
-
-
-def _load_image(img: Any) -> Image.Image:
-    if isinstance(img, Image.Image):
-        return to_rgb(img)
-    if isinstance(img, dict):  # datasets Image(decode=False): {"bytes", "path"}
-        if img.get("bytes"):
-            try:
-                with Image.open(io.BytesIO(img["bytes"])) as im:
-                    im.load()
-                    from PIL import ImageOps
-
-                    return to_rgb(ImageOps.exif_transpose(im))
-            except OSError as e:
-                raise DataError(f"unreadable image bytes ({e})") from None
-        img = img.get("path")
-    return open_image(img)
-
-
-def _weighted_indices(n: int, spec: DatasetSpec, rng: random.Random) -> list[int]:
-    """Indices of one dataset in a mixture: capped by max_samples, scaled by weight."""
-    idx = list(range(n))
-    if spec.max_samples is not None and spec.max_samples < n:
+def mixture_indices(good: np.ndarray, spec: DatasetSpec, rng: random.Random) -> list[int]:
+    """Record indices of one dataset in a mixture: capped by max_samples, then scaled by weight."""
+    idx = [int(i) for i in good]
+    if spec.max_samples is not None and spec.max_samples < len(idx):
         idx = sorted(rng.sample(idx, spec.max_samples))
-    if spec.weight is not None:
-        target = max(1, round(spec.weight * len(idx)))
-        whole, rest = divmod(target, len(idx))
+    if spec.weight is not None and idx:
+        whole, rest = divmod(max(1, round(spec.weight * len(idx))), len(idx))
         idx = idx * whole + sorted(rng.sample(idx, rest))
     return idx
 
@@ -127,64 +132,65 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.image_aspect = image_aspect
         self.system_prompt = system_prompt
-        self.allow_absolute = allow_absolute_paths
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
         self.tokens_per_image = tokens_per_image(processor)
-        self.sources = [_Source(spec) for spec in specs]
+        self.sources = [Source(spec, allow_absolute_paths) for spec in specs]
+        self.report = ScanReport()
         rng = random.Random(seed)
-        self.index: list[tuple[int, int]] = []
+        source_ids, record_ids = [], []
         for k, src in enumerate(self.sources):
-            self.index.extend((k, i) for i in _weighted_indices(len(src), src.spec, rng))
-        self.bad: set[tuple[int, int]] = set()
+            key = src.spec.path if src.spec.path not in self.report.counts else f"{src.spec.path} ({k + 1})"
+            self.report.counts[key] = len(src)
+            self.report.bad += [(key, e) for e in src.bad]
+            picked = mixture_indices(src.good, src.spec, rng)
+            source_ids += [k] * len(picked)
+            record_ids += picked
+        self._source = np.asarray(source_ids, dtype=np.int16)
+        self._record = np.asarray(record_ids, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self._record)
+
+    def keep(self, records: set[tuple[int, int]]) -> None:
+        """Leave out of the mixture every entry whose (source, record) is not in `records`."""
+        mask = np.fromiter(((k, i) in records for k, i in zip(self._source.tolist(), self._record.tolist())), bool, len(self))
+        self._source, self._record = self._source[mask], self._record[mask]
 
     def scan(self) -> ScanReport:
-        """Validate every sample's structure and image paths (no decoding); remember the bad ones."""
-        report = ScanReport()
-        for k, src in enumerate(self.sources):
-            report.counts[src.spec.path] = len(src)
-            for i in range(len(src)):
-                try:
-                    s = src.sample(i, self.allow_absolute)
-                    for p in s.images:
-                        if not isinstance(p, (dict, Image.Image)) and not _exists(p):
-                            raise SampleError(s.id, "missing image", f"image {p} not found")
-                        if isinstance(p, dict) and not p.get("bytes") and not _exists(p.get("path")):
-                            raise SampleError(s.id, "missing image", f"image {p.get('path')} not found")
-                except SampleError as e:
-                    report.bad.append((src.spec.path, e))
-                    self.bad.add((k, i))
-        return report
-
-    def drop_bad(self) -> None:
-        self.index = [ki for ki in self.index if ki not in self.bad]
+        """The bad samples found so far (index scan, and `validate.validate` if it ran); they are left out."""
+        return self.report
 
     def sample(self, idx: int) -> Sample:
-        k, i = self.index[idx]
-        return self.sources[k].sample(i, self.allow_absolute)
+        return self.sources[self._source[idx]].sample(int(self._record[idx]))
 
-    def encode_sample(self, s: Sample) -> tuple[Encoded, torch.Tensor | None]:
-        """Tokens, labels and pixel values of one sample (raises SampleError / DataError)."""
+    def has_image(self, idx: int) -> bool:
+        return bool(self.sources[self._source[idx]].images[self._record[idx]])
+
+    def encode_sample(self, s: Sample, pixels: bool = True) -> tuple[Encoded, torch.Tensor | None]:
+        """Tokens, labels and pixel values of the images kept (raises SampleError / DataError).
+
+        `pixels=False` decodes the images (to find unreadable ones) but skips resizing and normalising.
+        """
         rendered = render(s, self.template, self.tokenizer, self.system_prompt)
         enc = encode(rendered, self.tokenizer, self.image_token_id, self.tokens_per_image, self.max_length, s.id)
-        pixels = None
-        if s.images:
-            try:
-                imgs = [_load_image(p) for p in s.images]
-            except DataError as e:
-                raise SampleError(s.id, "unreadable image", str(e)) from None
-            pixels = pixel_values(imgs, self.processor.image_processor, self.image_aspect)
-        return enc, pixels
+        try:
+            images = [load_image(ref) for ref in s.images]
+        except DataError as e:
+            raise SampleError(s.id, UNREADABLE_IMAGE, str(e)) from None
+        if not pixels or not enc.images:
+            return enc, None
+        # Truncation may drop later rounds with their images: feed only the images whose tokens remain.
+        return enc, pixel_values(images[: enc.images], self.processor.image_processor, self.image_aspect)
 
     def __getitem__(self, idx: int) -> dict:
         skipped = []
-        for attempt in range(len(self.index)):
-            j = (idx + attempt) % len(self.index)
+        modality = self.has_image(idx)
+        for step in range(len(self)):
+            j = (idx + step) % len(self)
+            if self.has_image(j) != modality:
+                continue  # a replacement keeps the batch to one modality
             try:
-                s = self.sample(j)
-                enc, pixels = self.encode_sample(s)
+                enc, pixels = self.encode_sample(self.sample(j))
             except SampleError as e:
                 log.warning("skipping %s", e)
                 skipped.append(e.sample_id)
@@ -195,36 +201,56 @@ class LlavaDataset(torch.utils.data.Dataset):
                 "pixel_values": pixels,
                 "skipped": skipped,
             }
-        raise DataError("no usable sample in the training data (see the warnings above)")
+        raise DataError(f"no usable {'image' if modality else 'text-only'} sample in the data (see the warnings above)")
 
     def modality_lengths(self) -> list[int]:
-        """Cheap length estimates as LLaVA computes them: words (+ image tokens); negative for text-only."""
-        out = []
-        for k, i in self.index:
-            rec = self.sources[k].records[i]
-            conv = rec.get("conversations") or rec.get("messages") or []
-            words = 0
-            for m in conv:
-                text = m.get("value", m.get("content")) if isinstance(m, dict) else ""
-                words += len(text.split()) if isinstance(text, str) else 8
-            has_image = bool(rec.get("image") or rec.get("images"))
-            out.append(words + self.tokens_per_image if has_image else -max(words, 1))
+        """LLaVA's lengths for batching: words of the conversation, negative for text-only samples."""
+        words = np.maximum(self._words(), 1)
+        return np.where(self._images() > 0, words, -words).tolist()
+
+    def _words(self) -> np.ndarray:
+        out = np.zeros(len(self), dtype=np.int64)
+        for k, src in enumerate(self.sources):
+            mask = self._source == k
+            out[mask] = src.words[self._record[mask]]
         return out
 
+    def _images(self) -> np.ndarray:
+        out = np.zeros(len(self), dtype=np.int64)
+        for k, src in enumerate(self.sources):
+            mask = self._source == k
+            out[mask] = src.images[self._record[mask]]
+        return out
 
-def _exists(p: Any) -> bool:
-    import os
-
-    return isinstance(p, (str, os.PathLike)) and os.path.isfile(p)
+    def token_length_estimates(self, probe: int = 256, seed: int = 0) -> list[int]:
+        """Token lengths from word counts, the tokens-per-word fit measured on `probe` random samples."""
+        words, images = self._words(), self._images()
+        picks = random.Random(seed).sample(range(len(self)), min(probe, len(self)))
+        xs, ys = [], []
+        for j in picks:
+            s = self.sample(j)
+            try:
+                rendered = render(s, self.template, self.tokenizer, self.system_prompt)
+                enc = encode(rendered, self.tokenizer, self.image_token_id, self.tokens_per_image, 10**9, s.id)
+            except SampleError:
+                continue
+            xs.append(words[j])
+            ys.append(len(enc.input_ids) - self.tokens_per_image * images[j])
+        if not xs:
+            return [self.max_length] * len(self)
+        a = np.stack([np.ones(len(xs)), np.asarray(xs, dtype=np.float64)], axis=1)
+        (offset, per_word), *_ = np.linalg.lstsq(a, np.asarray(ys, dtype=np.float64), rcond=None)
+        est = offset + per_word * words + self.tokens_per_image * images
+        return np.clip(np.round(est), 1, self.max_length).astype(np.int64).tolist()
 
 
 def tokens_per_image(processor) -> int:
-    """Image tokens per image for this processor's image size and the model's feature strategy."""
-    ip = processor.image_processor
-    size = ip.crop_size["height"] if getattr(ip, "do_center_crop", False) else ip.size.get("height", ip.size.get("shortest_edge"))
+    """Image tokens per image: the processor's output size in patches, plus CLS for the `full` strategy."""
+    probe = processor.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt", do_pad=False)
+    side = int(probe["pixel_values"].shape[-1])
     patch = getattr(processor, "patch_size", None) or 14
     strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
-    return image_token_count(size, patch, strategy)
+    return image_token_count(side, patch, strategy)
 
 
 def collate(batch: list[dict], pad_token_id: int) -> dict:
@@ -246,55 +272,3 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
     if skipped:
         out["skipped"] = skipped
     return out
-
-
-class ModalityLengthSampler(torch.utils.data.Sampler):
-    """LLaVA-1.5's modality-length grouping.
-
-    Image samples and text-only samples are shuffled separately and cut into
-    megabatches of `megabatch` samples (world size x batch x accumulation);
-    each megabatch is sorted by length, so every batch holds one modality and
-    similar lengths, and the megabatches are shuffled. Deterministic per
-    (seed, epoch), which makes resumed runs see the same order.
-    """
-
-    def __init__(self, lengths: list[int], megabatch: int, seed: int = 0):
-        self.lengths = lengths
-        self.megabatch = max(1, megabatch)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        groups = [[i for i, n in enumerate(self.lengths) if n > 0], [i for i, n in enumerate(self.lengths) if n <= 0]]
-        megabatches, leftovers = [], []
-        for group in groups:
-            rng.shuffle(group)
-            for start in range(0, len(group), self.megabatch):
-                chunk = sorted(group[start : start + self.megabatch], key=lambda i: -abs(self.lengths[i]))
-                (megabatches if len(chunk) == self.megabatch else leftovers).append(chunk)
-        rng.shuffle(megabatches)
-        # The two partial megabatches go last, together, as in the reference sampler.
-        tail = [i for chunk in leftovers for i in chunk]
-        return iter([i for mb in megabatches for i in mb] + tail)
-
-
-def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
-    """Share of padding tokens when `order` is cut into batches of `batch_size`."""
-    real = padded = 0
-    for start in range(0, len(order), batch_size):
-        batch = [abs(lengths[i]) for i in order[start : start + batch_size]]
-        real += sum(batch)
-        padded += max(batch) * len(batch)
-    return 0.0 if padded == 0 else 1 - real / padded
-
-
-def expected_steps(n_samples: int, batch_size: int, grad_accum: int, world_size: int, epochs: float) -> int:
-    per_epoch = math.ceil(n_samples / (batch_size * world_size)) // grad_accum or 1
-    return math.ceil(per_epoch * epochs)

@@ -3,16 +3,25 @@
 Labels come from character spans: a token is supervised when its characters
 overlap an answer span. This is exact for any fast tokenizer, where LLaVA's
 reference code has to count tokens per round and patch off-by-ones.
+
+`max_length` is met without cutting image tokens, which would make the model
+raise "Image features and image tokens do not match": whole rounds are kept
+while they fit; if the first round alone does not fit, the middle of its
+question is cut (its start and end are kept, the answer stays whole), and only
+an answer longer than the space left is cut at its end. A sample whose prompt
+and image tokens alone exceed `max_length` raises `SampleError` (kind
+`too long`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import SampleError
+from .formats import TOO_LONG, SampleError
 from .templates import Rendered
 
 IGNORE_INDEX = -100
+_FIXED, _QUESTION, _ANSWER = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -20,12 +29,23 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    images: int = 0  # images whose tokens are in input_ids (the first `images` of the sample)
 
 
 def image_token_count(image_size: int, patch_size: int, strategy: str = "default") -> int:
     """Tokens per image: one per patch; `full` keeps CLIP's CLS token, `default` drops it."""
     n = (image_size // patch_size) ** 2
     return n + 1 if strategy == "full" else n
+
+
+def _in_spans(offsets: list[tuple[int, int]], spans) -> list[bool]:
+    """For each token (start, end), whether its characters overlap one of the sorted, disjoint `spans`."""
+    flags, j = [], 0
+    for start, end in offsets:
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1  # spans that end before this token end before every later one too
+        flags.append(end > start and j < len(spans) and spans[j][0] < end)
+    return flags
 
 
 def encode(
@@ -36,46 +56,68 @@ def encode(
     max_length: int,
     sample_id: str,
 ) -> Encoded:
-    """Tokenise, expand each `<image>` to `tokens_per_image` ids, fit into `max_length`.
-
-    Over-long samples keep as many whole rounds as fit; if the first round alone
-    is too long, its answer is cut after the image tokens. A sample whose image
-    tokens (or first answer token) cannot fit raises `SampleError`.
-    """
+    """Tokenise, expand each `<image>` to `tokens_per_image` ids, fit into `max_length` (see the module doc)."""
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = []
     labels: list[int] = []
-    ends: list[int] = []  # expanded position where each round ends
+    kinds: list[int] = []
+    ends: list[int] = []  # token position where each round ends
     round_ends = list(rendered.round_ends)
     bos = tokenizer.bos_token_id
     if bos is not None and (not enc["input_ids"] or enc["input_ids"][0] != bos):
         ids.append(bos)
         labels.append(IGNORE_INDEX)
-    spans = rendered.supervised
-    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        kinds.append(_FIXED)
+    offsets = enc["offset_mapping"]
+    answer, question = _in_spans(offsets, rendered.supervised), _in_spans(offsets, rendered.questions)
+    for p, (tok, (start, _)) in enumerate(zip(enc["input_ids"], offsets)):
         while round_ends and start >= round_ends[0]:
             ends.append(len(ids))
             round_ends.pop(0)
         if tok == image_token_id:
             ids.extend([image_token_id] * tokens_per_image)
             labels.extend([IGNORE_INDEX] * tokens_per_image)
+            kinds.extend([_FIXED] * tokens_per_image)
             continue
-        supervised = end > start and any(start < e and end > s for s, e in spans)
         ids.append(tok)
-        labels.append(tok if supervised else IGNORE_INDEX)
+        labels.append(tok if answer[p] else IGNORE_INDEX)
+        kinds.append(_ANSWER if answer[p] else _QUESTION if question[p] else _FIXED)
     ends.extend([len(ids)] * len(round_ends))
     if len(ids) <= max_length:
-        return Encoded(ids, labels)
+        return Encoded(ids, labels, False, _images(ids, image_token_id, tokens_per_image))
     fitting = [e for e in ends if e <= max_length]
     if fitting:
-        cut = fitting[-1]
+        keep = list(range(fitting[-1]))
     else:
-        last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
-        if last_image >= max_length:
-            raise SampleError(
-                sample_id, "too long", f"{len(ids)} tokens; its image tokens end at {last_image + 1} > max_length {max_length}"
-            )
-        cut = max_length
-        if all(lab == IGNORE_INDEX for lab in labels[:cut]):
-            raise SampleError(sample_id, "too long", f"{len(ids)} tokens; no answer token fits in max_length {max_length}")
-    return Encoded(ids[:cut], labels[:cut], truncated=True)
+        keep = _fit_first_round(kinds[: ends[0] if ends else len(ids)], max_length, len(ids), sample_id)
+    kept_ids = [ids[p] for p in keep]
+    return Encoded(kept_ids, [labels[p] for p in keep], True, _images(kept_ids, image_token_id, tokens_per_image))
+
+
+def _fit_first_round(kinds: list[int], max_length: int, total: int, sample_id: str) -> list[int]:
+    """Positions of the first round to keep: every fixed token, the answer whole if it fits, the question's ends."""
+    fixed = [p for p, k in enumerate(kinds) if k == _FIXED]
+    question = [p for p, k in enumerate(kinds) if k == _QUESTION]
+    answer = [p for p, k in enumerate(kinds) if k == _ANSWER]
+    budget = max_length - len(fixed)
+    if budget < 1 or not answer:
+        raise SampleError(
+            sample_id,
+            TOO_LONG,
+            f"{total} tokens; its prompt and image tokens alone take {len(fixed)}, max_length is {max_length}",
+        )
+    if len(answer) <= budget:
+        n_question = min(len(question), budget - len(answer))
+    else:
+        n_question = min(len(question), budget // 2)
+    head = (n_question + 1) // 2
+    kept_question = question[:head] + question[len(question) - (n_question - head) :] if n_question else []
+    kept_answer = answer[: budget - n_question]
+    return sorted(fixed + kept_question + kept_answer)
+
+
+def _images(ids: list[int], image_token_id: int, tokens_per_image: int) -> int:
+    n = sum(1 for t in ids if t == image_token_id)
+    if n % tokens_per_image:  # truncation never cuts an image; this would be a bug here
+        raise AssertionError(f"{n} image tokens is not a multiple of {tokens_per_image}")
+    return n // tokens_per_image

@@ -1,14 +1,18 @@
-"""Dataset files -> `Sample`s: LLaVA JSON / JSONL, and Hugging Face datasets.
+"""Records -> `Sample`s: the two conversation layouts, validated one sample at a time.
 
-Reading a dataset reads only its index (the records); images are opened per
-sample, later, in DataLoader workers. Records are validated one at a time by
-`to_sample`, which raises `SampleError` naming the sample id and the reason.
+A record is either in LLaVA's layout (`id`, `image` as a path or a list of
+paths, `conversations` of `{"from": "human"|"gpt", "value"}`) or in the chat
+layout of Hugging Face datasets (`messages` of `{"role", "content"}` where
+content is a string or a list of `{"type": "text"|"image"}` parts, and an
+`images` column). The layout is read from each record's keys, so one file may
+hold both. Records without images are text-only samples.
+
+`to_sample` raises `SampleError` naming the sample id, a kind (the same kinds
+`lora-llava check` groups its report by) and the reason.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,17 @@ from ..recipe import DatasetSpec
 
 IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# Kinds of bad samples, as reported by `lora-llava check` and by training.
+MALFORMED = "malformed"
+UNKNOWN_ROLE = "unknown role"
+NOT_ALTERNATING = "turns do not alternate"
+EMPTY_ANSWER = "empty answer"
+TAG_MISMATCH = "image tag mismatch"
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+PATH_ESCAPES = "path escapes image folder"
+TOO_LONG = "too long"
 
 
 class SampleError(DataError):
@@ -30,178 +45,156 @@ class SampleError(DataError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One conversation: alternating user / assistant turns, and its image files."""
+    """One conversation: alternating user / assistant turns, and its images."""
 
     id: str
     turns: tuple[tuple[str, str], ...]  # (role, text), role in user | assistant
-    images: tuple[Any, ...]  # paths (str) or decoded PIL images (HF datasets)
+    images: tuple[Any, ...]  # paths, HF image dicts ({"bytes", "path"}) or PIL images, in tag order
     system: str | None = None
 
 
 def detect_format(spec: DatasetSpec) -> str:
+    """`llava` (conversations) or `hf` (messages / a datasets folder or parquet), from the spec or the path."""
     if spec.format != "auto":
         return spec.format
     p = Path(spec.path)
-    if p.is_dir() or p.suffix == ".parquet":
+    if p.is_dir() or p.suffix in (".parquet", ".arrow"):
         return "hf"
-    if p.suffix == ".jsonl":
-        # JSONL can be either layout; peek at the first record's keys.
+    if p.suffix == ".jsonl" and p.is_file():
+        # JSON Lines holds either layout; the first record's keys tell which.
         with open(p, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "{}")
-        try:
-            return "hf" if "messages" in json.loads(first) else "llava"
-        except json.JSONDecodeError:
-            return "llava"  # reported properly by the reader
+            first = next((line for line in f if line.strip()), "")
+        return "hf" if '"messages"' in first else "llava"
     return "llava"
 
 
-def read_llava(path: str | Path) -> list[dict]:
-    """A LLaVA JSON list or JSON Lines file, as records."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: data file not found")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
-    return records
-
-
-def read_hf(path: str | Path):
-    """A `save_to_disk` folder, or parquet / jsonl files, as a `datasets.Dataset` (memory-mapped)."""
-    import datasets
-
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: dataset not found")
-    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return ds
-    files = sorted(str(f) for f in p.glob("*.parquet")) if p.is_dir() else [str(p)]
-    if not files:
-        raise DataError(f"{path}: no save_to_disk dataset and no parquet files in this folder")
-    kind = "parquet" if files[0].endswith(".parquet") else "json"
-    return datasets.load_dataset(kind, data_files=files, split="train")
-
-
-def read_records(spec: DatasetSpec):
-    """The records of one dataset; a list for LLaVA files, a datasets.Dataset for HF ones."""
-    return read_hf(spec.path) if detect_format(spec) == "hf" else read_llava(spec.path)
-
-
-def _content_text(content: Any) -> tuple[str, int]:
-    """Text of a message's content and how many image placeholders it holds."""
+def _content_text(content: Any, sid: str, k: int) -> str:
+    """Text of a chat-layout message; image parts become `<image>` tags in place."""
     if isinstance(content, str):
-        return content, content.count(IMAGE_TAG)
-    if isinstance(content, list):
-        texts, n = [], 0
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "image":
-                texts.append(IMAGE_TAG)
-                n += 1
-            elif isinstance(part, dict) and part.get("type") == "text":
-                texts.append(part.get("text") or "")
-        return "\n".join(texts) if n else "".join(texts), n
-    return "", 0
+        return content
+    if not isinstance(content, list):
+        raise SampleError(sid, MALFORMED, f"turn {k}: content must be a string or a list of parts")
+    text = ""
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text += IMAGE_TAG + "\n"
+        elif kind == "text":
+            text += part.get("text") or ""
+        else:
+            raise SampleError(sid, MALFORMED, f"turn {k}: content parts must be {{'type': 'text' | 'image'}}")
+    return text.rstrip("\n") if text.endswith(IMAGE_TAG + "\n") else text
 
 
-def to_sample(record: Any, index: int, spec: DatasetSpec, fmt: str) -> Sample:
-    """Validate one record and turn it into a `Sample` (raises `SampleError`)."""
-    if not isinstance(record, dict):
-        raise SampleError(f"#{index}", "malformed", "a sample must be a JSON object")
-    sid = str(record.get("id", f"#{index}"))
-    if fmt == "hf":
-        messages = record.get("messages")
-        images = record.get("images") or []
+def _as_list(value: Any) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _raw_turns(record: dict, sid: str) -> tuple[list[tuple[Any, Any]], list]:
+    """(role, text) pairs and image references of a record in either layout."""
+    if "messages" in record:
+        messages = record["messages"]
         if not isinstance(messages, list):
-            raise SampleError(sid, "malformed", "'messages' must be a list")
-        raw_turns = []
-        for m in messages:
+            raise SampleError(sid, MALFORMED, "'messages' must be a list")
+        turns = []
+        for k, m in enumerate(messages):
             if not isinstance(m, dict):
-                raise SampleError(sid, "malformed", "each message must be an object with role and content")
-            text, _ = _content_text(m.get("content"))
-            raw_turns.append((m.get("role"), text))
-    else:
-        conv = record.get("conversations")
-        if not isinstance(conv, list):
-            raise SampleError(sid, "malformed", "'conversations' must be a list")
-        raw_turns = []
-        for m in conv:
-            if not isinstance(m, dict):
-                raise SampleError(sid, "malformed", "each turn must be an object with from and value")
-            raw_turns.append((m.get("from"), m.get("value")))
-        image = record.get("image")
-        images = [] if image in (None, "") else ([image] if isinstance(image, str) else image)
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise SampleError(sid, "malformed", "'image' must be a path or a list of paths")
-    system = None
-    turns: list[tuple[str, str]] = []
-    for k, (role, text) in enumerate(raw_turns):
+                raise SampleError(sid, MALFORMED, f"turn {k}: a message is an object with role and content")
+            turns.append((m.get("role"), _content_text(m.get("content"), sid, k)))
+        return turns, _as_list(record.get("images", record.get("image")))
+    conv = record.get("conversations")
+    if not isinstance(conv, list):
+        raise SampleError(sid, MALFORMED, "needs 'conversations' (LLaVA) or 'messages' (chat layout) as a list")
+    turns = []
+    for k, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise SampleError(sid, MALFORMED, f"turn {k}: a turn is an object with from and value")
+        turns.append((m.get("from"), m.get("value")))
+    images = _as_list(record.get("image"))
+    if not all(isinstance(i, str) and i for i in images):
+        raise SampleError(sid, MALFORMED, "'image' must be a path or a list of paths")
+    return turns, images
+
+
+def _check_turns(raw: list[tuple[Any, Any]], sid: str) -> tuple[list[tuple[str, str]], str | None, int]:
+    """Roles known, system first, user/assistant alternating, non-empty answers; returns turns, system, tags."""
+    system, turns, tags = None, [], 0
+    for k, (role, text) in enumerate(raw):
         norm = ROLES.get(role) if isinstance(role, str) else None
         if norm is None:
-            raise SampleError(sid, "unknown role", f"turn {k}: unknown role {role!r} (human/gpt or user/assistant)")
+            raise SampleError(sid, UNKNOWN_ROLE, f"turn {k}: unknown role {role!r} (human / gpt, or user / assistant)")
         if not isinstance(text, str):
-            raise SampleError(sid, "malformed", f"turn {k}: text must be a string")
+            raise SampleError(sid, MALFORMED, f"turn {k}: the text must be a string, got {type(text).__name__}")
         if norm == "system":
             if k != 0:
-                raise SampleError(sid, "bad order", f"turn {k}: a system message must come first")
+                raise SampleError(sid, NOT_ALTERNATING, f"turn {k}: a system message must come first")
+            if IMAGE_TAG in text:
+                raise SampleError(sid, TAG_MISMATCH, f"an {IMAGE_TAG} tag in the system message")
             system = text
             continue
+        expected = "assistant" if len(turns) % 2 else "user"
+        if norm != expected:
+            raise SampleError(sid, NOT_ALTERNATING, f"turn {k}: expected {expected}, got {norm}")
+        if norm == "user":
+            tags += text.count(IMAGE_TAG)
+        elif not text.strip():
+            raise SampleError(sid, EMPTY_ANSWER, f"turn {k}: empty answer")
+        elif IMAGE_TAG in text:
+            raise SampleError(sid, TAG_MISMATCH, f"turn {k}: an {IMAGE_TAG} tag in an answer")
         turns.append((norm, text))
     if not turns:
-        raise SampleError(sid, "empty conversation", "no turns")
-    for k, (role, _) in enumerate(turns):
-        expected = "user" if k % 2 == 0 else "assistant"
-        if role != expected:
-            raise SampleError(sid, "turns do not alternate", f"turn {k}: expected {expected}, got {role}")
+        raise SampleError(sid, NOT_ALTERNATING, "no user / assistant turns")
     if len(turns) % 2:
-        raise SampleError(sid, "turns do not alternate", "the last turn must be the assistant's answer")
-    for k, (role, text) in enumerate(turns):
-        if role == "assistant" and not text.strip():
-            raise SampleError(sid, "empty answer", f"turn {k}: empty answer")
-    tags = sum(text.count(IMAGE_TAG) for _, text in turns)
+        raise SampleError(sid, NOT_ALTERNATING, "the last turn must be the assistant's answer")
+    return turns, system, tags
+
+
+def to_sample(record: Any, index: int, spec: DatasetSpec, fmt: str | None = None) -> Sample:
+    """Validate one record and turn it into a `Sample` (raises `SampleError`).
+
+    `fmt` is accepted for callers that know it; the layout is read from the record's keys.
+    """
+    if not isinstance(record, dict):
+        raise SampleError(f"#{index}", MALFORMED, "a sample must be a JSON object")
+    sid = str(record["id"]) if record.get("id") not in (None, "") else f"#{index}"
+    raw, images = _raw_turns(record, sid)
+    turns, system, tags = _check_turns(raw, sid)
     if tags != len(images):
-        raise SampleError(sid, "image tag mismatch", f"{tags} <image> tag(s) for {len(images)} image(s)")
-    if any(IMAGE_TAG in text for role, text in turns if role == "assistant"):
-        raise SampleError(sid, "image tag mismatch", "an <image> tag in an answer")
-    turns = _place_image_tag(turns, len(images))
+        raise SampleError(sid, TAG_MISMATCH, f"{tags} {IMAGE_TAG} tag(s) for {len(images)} image(s)")
+    if None in images:
+        raise SampleError(sid, MALFORMED, "an empty entry in the image list")
+    if len(images) == 1:
+        turns = _tag_first(turns)
     if spec.response_suffix:
-        turns = tuple((r, f"{t}\n{spec.response_suffix}" if r == "user" else t) for r, t in turns)
+        turns = [(r, _with_suffix(t, spec.response_suffix) if r == "user" else t) for r, t in turns]
     return Sample(id=sid, turns=tuple(turns), images=tuple(images), system=system)
 
 
-def _place_image_tag(turns: list[tuple[str, str]], n_images: int) -> list[tuple[str, str]]:
-    """LLaVA-1.5 moves a single `<image>` of the first user turn to its start, as `<image>\\n` + text."""
-    if n_images != 1 or IMAGE_TAG not in turns[0][1]:
-        return turns
-    text = turns[0][1].replace(IMAGE_TAG, "").strip()
-    return [("user", f"{IMAGE_TAG}\n{text}"), *turns[1:]]
+def _tag_first(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """LLaVA-1.5 moves a single `<image>` to the start of its turn: `<image>\\n` + the rest, stripped."""
+    k = next(k for k, (_, text) in enumerate(turns) if IMAGE_TAG in text)
+    return [*turns[:k], ("user", f"{IMAGE_TAG}\n{turns[k][1].replace(IMAGE_TAG, '').strip()}"), *turns[k + 1 :]]
 
 
+def _with_suffix(question: str, suffix: str) -> str:
+    """LLaVA-1.5's response-format prompt: the suffix on a new line, once."""
+    return question if question.rstrip().endswith(suffix) else f"{question}\n{suffix}"
+
+
+# Kept here for callers that resolve one path at a time; datasets use `paths.ImageResolver`.
 def resolve_image(path: Any, spec: DatasetSpec, sample_id: str, allow_absolute: bool) -> Any:
-    """An image path inside the dataset's image folder; escaping it (../, symlinks) is refused."""
+    """An image path inside the dataset's image folder; escaping it (../, symlinks) raises `SampleError`."""
+    from .paths import ImageResolver, image_folder
+
     if not isinstance(path, str):
-        return path  # already decoded (HF datasets Image feature)
-    folder = Path(spec.image_folder) if spec.image_folder else Path(spec.path).parent
-    full = Path(path) if os.path.isabs(path) else folder / path
-    if not allow_absolute:
-        root = folder.resolve()
-        try:
-            full.resolve().relative_to(root)
-        except ValueError:
-            raise SampleError(sample_id, "path escapes image folder", f"image {path!r} lies outside {folder}") from None
-    return full
+        return path  # an image stored in the dataset (HF Image feature)
+    return ImageResolver(image_folder(spec), allow_absolute).resolve(path, sample_id, must_exist=False)
+
+
+def read_records(spec: DatasetSpec):
+    """The records of one dataset (indexable, each a dict); see `readers.read_records`."""
+    from .readers import read_records as _read
+
+    return _read(spec)

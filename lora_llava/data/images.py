@@ -1,15 +1,20 @@
-"""Image loading as LLaVA-1.5 does it: any mode to RGB, EXIF orientation, pad to square.
+"""Images as LLaVA-1.5 feeds them: decoded to RGB, EXIF orientation applied, padded to a square.
 
 LLaVA-1.5 pads each image to a square with the CLIP mean colour, centred, and
 only then resizes (`image_aspect_ratio: pad` in its training scripts). A
 centre crop, CLIPImageProcessor's default, cuts off what lies at the edges of
 tall and wide images, which for documents and medical scans is often the point.
+The square is made here, before the processor runs, so the result does not
+depend on which image processor class or flags a checkpoint ships.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -17,34 +22,59 @@ from ..errors import DataError
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Decode an image file to RGB with its EXIF orientation applied."""
+    """Decode an image file to RGB with its EXIF orientation applied (raises `DataError`)."""
     try:
         with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+            return _decoded(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
 
 
+def load_image(ref: Any) -> Image.Image:
+    """An RGB image from a path, a PIL image, or a datasets image dict (`{"bytes", "path"}`)."""
+    if isinstance(ref, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(ref))
+    if isinstance(ref, dict):
+        if ref.get("bytes"):
+            try:
+                with Image.open(io.BytesIO(ref["bytes"])) as im:
+                    return _decoded(im)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise DataError(f"{ref.get('path') or 'embedded image'}: unreadable image ({e})") from None
+        ref = ref.get("path")
+        if not ref:
+            raise DataError("an image entry with neither bytes nor path")
+    return open_image(ref)
+
+
+def _decoded(im: Image.Image) -> Image.Image:
+    im.load()  # decode fully now: a truncated file fails here, not later in a worker
+    return to_rgb(ImageOps.exif_transpose(im))
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """RGBA / LA / palette-with-transparency go onto white (not black); CMYK, L, I;16 convert."""
+    """Any PIL mode to RGB: transparency onto white, 16-bit and float scaled to 8 bits, CMYK / L / P converted."""
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
-        return background
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale (common for medical scans): scale to 8 bits, not clip.
-        im = im.point(lambda v: v / 256).convert("L")
-    return im.convert("RGB") if im.mode != "RGB" else im
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # White, as transformers' convert_rgb does; dropping alpha would show the (often black) hidden colour.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit / float greyscale (medical scans): stretch the used range to 0-255; converting
+        # to L would clip everything above 255 to white, and a 12-bit scan divided by 256 is near black.
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(scaled.round().astype(np.uint8))
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def mean_colour(image_mean: list[float] | tuple[float, ...]) -> tuple[int, int, int]:
-    """The padding colour LLaVA-1.5 uses: the processor's mean, as 0-255 integers."""
+    """LLaVA-1.5's padding colour: the processor's mean as 0-255 integers, truncated as its code does."""
     return tuple(int(x * 255) for x in image_mean)  # type: ignore[return-value]
 
 
@@ -59,10 +89,22 @@ def pad_to_square(im: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
     return square
 
 
+def crop_to_square(im: Image.Image) -> Image.Image:
+    """The centred square of the shorter side (what resize + centre crop keeps)."""
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
 def pixel_values(images: list[Image.Image], image_processor, aspect: str = "pad") -> torch.Tensor:
-    """(n, 3, S, S) pixel values. `pad`: LLaVA-1.5 pad-to-square; `crop`: resize + centre crop."""
+    """(n, 3, S, S) pixel values. `pad`: LLaVA-1.5 pad-to-square; `crop`: centre square."""
     if aspect == "pad":
         colour = mean_colour(image_processor.image_mean)
-        images = [pad_to_square(im, colour) for im in images]
-    # We pad ourselves (above) so the choice does not depend on which processor class a checkpoint names.
-    return image_processor(images=images, return_tensors="pt", do_pad=False)["pixel_values"]
+        squares = [pad_to_square(im, colour) for im in images]
+    elif aspect == "crop":
+        squares = [crop_to_square(im) for im in images]
+    else:
+        raise ValueError(f"image aspect {aspect!r}: pad or crop")
+    # do_pad=False: the square is already made; a processor that pads would pad nothing more.
+    return image_processor(images=squares, return_tensors="pt", do_pad=False)["pixel_values"]

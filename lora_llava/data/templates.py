@@ -9,17 +9,21 @@ The exact strings (pinned by tests):
   and, as in the reference, no `</s>` follows (only the caption and the newline are supervised).
 * `chat_template`: the model's own Jinja template, rendered turn by turn; BOS is added when
   the template does not write it, and `</s>` after each answer when the template omits it
-  (llava-hf's does, and a model trained without it never learns to stop).
+  (llava-hf's does, and a model trained without it never learns to stop). With llava-hf's
+  template: `USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`.
 
 Supervised spans are each answer plus its end-of-sequence token; everything
-else (BOS, system, user turns, role markers, image tokens) is masked.
+else (BOS, system, user turns, role markers, image tokens) is masked. The
+system prompt is the sample's own system message if it has one, else
+`data.system_prompt`, else the template's default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import IMAGE_TAG, Sample
+from ..errors import DataError
+from .formats import IMAGE_TAG, MALFORMED, Sample, SampleError
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -33,22 +37,25 @@ class Rendered:
     text: str
     supervised: tuple[tuple[int, int], ...]  # [start, end) character spans of answers (+ EOS)
     round_ends: tuple[int, ...]  # character offset where each user/assistant round ends
+    questions: tuple[tuple[int, int], ...] = ()  # [start, end) spans of user text, which truncation may shorten
 
 
 def render(sample: Sample, template: str, tokenizer, system_prompt: str | None = None) -> Rendered:
     """The training text of a sample under `template`, with its supervised spans."""
     if template == "vicuna_v1":
-        return _render_vicuna(sample.turns, system_prompt or sample.system or VICUNA_SYSTEM, tokenizer.eos_token)
+        return _render_vicuna(sample.turns, sample.system or system_prompt or VICUNA_SYSTEM, tokenizer.eos_token)
     if template == "plain":
+        if len(sample.turns) != 2:
+            raise SampleError(
+                sample.id, MALFORMED, f"the plain template takes one caption per sample, got {len(sample.turns) // 2} rounds"
+            )
         return _render_plain(sample.turns)
     if template == "chat_template":
         return _render_chat_template(sample.turns, sample.system or system_prompt, tokenizer)
     raise ValueError(f"unknown template {template!r}")
 
 
-def generation_prompt(
-    turns: list[tuple[str, str]], template: str, tokenizer, system_prompt: str | None = None
-) -> str:
+def generation_prompt(turns: list[tuple[str, str]], template: str, tokenizer, system_prompt: str | None = None) -> str:
     """The prompt text for answering the last user turn of `turns` (earlier rounds answered)."""
     if template == "vicuna_v1":
         done = _render_vicuna(tuple(turns[:-1]), system_prompt or VICUNA_SYSTEM, tokenizer.eos_token).text
@@ -56,7 +63,7 @@ def generation_prompt(
             done = (system_prompt or VICUNA_SYSTEM) + " "
         return f"{done}USER: {turns[-1][1]} ASSISTANT:"
     if template == "plain":
-        return IMAGE_TAG if IMAGE_TAG in turns[-1][1] else ""
+        return IMAGE_TAG * turns[-1][1].count(IMAGE_TAG)
     messages = _messages(turns, system_prompt)
     return _apply(tokenizer, messages, add_generation_prompt=True)
 
@@ -65,19 +72,21 @@ def _render_vicuna(turns: tuple[tuple[str, str], ...], system: str, eos: str) ->
     if not turns:
         return Rendered("", (), ())
     text = system + " "
-    spans, ends = [], []
+    spans, ends, questions = [], [], []
     for k in range(0, len(turns), 2):
-        text += f"USER: {turns[k][1]} ASSISTANT: "
+        text += "USER: "
+        questions.append((len(text), len(text) + len(turns[k][1])))
+        text += f"{turns[k][1]} ASSISTANT: "
         start = len(text)
         text += turns[k + 1][1] + eos
         spans.append((start, len(text)))
         ends.append(len(text))
-    return Rendered(text, tuple(spans), tuple(ends))
+    return Rendered(text, tuple(spans), tuple(ends), tuple(questions))
 
 
 def _render_plain(turns: tuple[tuple[str, str], ...]) -> Rendered:
     # LLaVA's preprocess_plain replaces the human turn by the image token alone.
-    prefix = IMAGE_TAG if IMAGE_TAG in turns[0][1] else ""
+    prefix = IMAGE_TAG * turns[0][1].count(IMAGE_TAG)
     caption = turns[1][1]
     text = prefix + caption + "\n"
     return Rendered(text, ((len(prefix), len(text)),), (len(text),))
@@ -96,19 +105,25 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
 
 def _render_chat_template(turns: tuple[tuple[str, str], ...], system: str | None, tokenizer) -> Rendered:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template chat_template: this tokenizer has no chat template (use vicuna_v1)")
+        raise DataError("data.template: chat_template, but this model's tokenizer has no chat template (use vicuna_v1)")
     eos = tokenizer.eos_token
     msgs = _messages(turns, system)
     offset = 1 if system else 0
-    text, spans, ends = "", [], []
+    spans, ends, questions = [], [], []
     rendered_so_far = _apply(tokenizer, msgs[:offset], add_generation_prompt=False)
     text = rendered_so_far
     for k in range(0, len(turns), 2):
         with_prompt = _apply(tokenizer, msgs[: offset + k + 1], add_generation_prompt=True)
         with_answer = _apply(tokenizer, msgs[: offset + k + 2], add_generation_prompt=False)
         if not with_prompt.startswith(rendered_so_far) or not with_answer.startswith(with_prompt):
-            raise ValueError("template chat_template: the chat template does not render turn by turn (use vicuna_v1)")
-        text += with_prompt[len(rendered_so_far) :]
+            raise DataError(
+                "data.template: chat_template, but the model's chat template does not render turn by turn (use vicuna_v1)"
+            )
+        prompt_part = with_prompt[len(rendered_so_far) :]
+        at = prompt_part.find(turns[k][1]) if turns[k][1] else -1
+        if at >= 0:
+            questions.append((len(text) + at, len(text) + at + len(turns[k][1])))
+        text += prompt_part
         answer_part = with_answer[len(with_prompt) :]
         lead = len(answer_part) - len(answer_part.lstrip())
         body = answer_part.strip()
@@ -121,4 +136,4 @@ def _render_chat_template(turns: tuple[tuple[str, str], ...], system: str | None
         spans.append((start, len(text)))
         ends.append(len(text))
         rendered_so_far = with_answer
-    return Rendered(text, tuple(spans), tuple(ends))
+    return Rendered(text, tuple(spans), tuple(ends), tuple(questions))

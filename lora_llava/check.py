@@ -1,0 +1,165 @@
+"""`lora-llava check`: validate a recipe and every sample of its datasets, without model weights.
+
+Every record of every dataset (train and eval) goes through what training does
+to it, with the processor and tokenizer only: structure and image paths (as
+the index scan at start-up), then each image decoded and the text rendered,
+tokenised and fitted into `data.max_length` (as a DataLoader worker does).
+The report lists sample counts, bad samples by kind with the first offenders,
+token-length percentiles and the padding an epoch would carry; the check fails
+when the share of bad samples exceeds `data.max_bad_fraction`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+
+from .data.batching import epoch_order, padding_fraction
+from .data.dataset import LlavaDataset
+from .data.formats import SampleError
+from .data.validate import examine
+from .recipe import ModelConfig, Recipe
+
+SHOWN_PER_KIND = 5
+
+
+@dataclass
+class DatasetCount:
+    split: str  # train | eval
+    path: str
+    records: int
+    bad: int = 0
+    in_mixture: int = 0
+
+
+@dataclass
+class CheckReport:
+    """What `check` found; `failed` when a split's bad share exceeds `max_bad_fraction`."""
+
+    datasets: list[DatasetCount]
+    bad: list[tuple[str, str, SampleError]]  # (split, dataset path, error)
+    truncated: int
+    lengths: list[int]  # token lengths of the good training records
+    padding: float | None
+    batch_size: int
+    grouped: bool
+    max_bad_fraction: float
+    header: str = ""
+    kinds: dict[str, list[tuple[str, str, SampleError]]] = field(init=False)
+
+    def __post_init__(self):
+        self.kinds = {}
+        for item in self.bad:
+            self.kinds.setdefault(item[2].kind, []).append(item)
+
+    def share(self, split: str) -> float:
+        total = sum(d.records for d in self.datasets if d.split == split)
+        return sum(d.bad for d in self.datasets if d.split == split) / total if total else 0.0
+
+    @property
+    def failed(self) -> bool:
+        return any(self.share(s) > self.max_bad_fraction for s in ("train", "eval"))
+
+    def to_dict(self) -> dict:
+        """The report as plain data (for `--json`): every bad sample, not only the first of each kind."""
+        return {
+            "datasets": [vars(d) for d in self.datasets],
+            "bad": [{"split": s, "path": p, "id": e.sample_id, "kind": e.kind, "reason": e.reason} for s, p, e in self.bad],
+            "truncated": self.truncated,
+            "token_lengths": {f"p{q}": float(np.percentile(self.lengths, q)) for q in (50, 90, 95, 99)} if self.lengths else {},
+            "padding_fraction": self.padding,
+            "max_bad_fraction": self.max_bad_fraction,
+            "failed": self.failed,
+        }
+
+    def format(self) -> str:
+        lines = [self.header, "datasets:"] if self.header else ["datasets:"]
+        for d in self.datasets:
+            mix = f", {d.in_mixture:,} in the mixture" if d.split == "train" and d.in_mixture != d.records - d.bad else ""
+            lines.append(f"  {d.split:<5} {d.path}: {d.records:,} samples, {d.bad:,} bad{mix}")
+        lines.append("bad samples by kind:" if self.kinds else "bad samples: none")
+        for kind, items in sorted(self.kinds.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"  {kind}: {len(items):,}")
+            for _, path, err in items[:SHOWN_PER_KIND]:
+                lines.append(f"    {path}: sample {err.sample_id}: {err.reason}")
+            if len(items) > SHOWN_PER_KIND:
+                lines.append(f"    ... and {len(items) - SHOWN_PER_KIND:,} more")
+        if self.truncated:
+            lines.append(f"truncated to data.max_length (image tokens kept): {self.truncated:,} samples")
+        if self.lengths:
+            p = np.percentile(self.lengths, [50, 90, 95, 99]).round().astype(int)
+            lines.append(f"token lengths (train): p50 {p[0]}, p90 {p[1]}, p95 {p[2]}, p99 {p[3]}, max {max(self.lengths)}")
+        if self.padding is not None:
+            how = "modality-length grouping" if self.grouped else "random batches"
+            lines.append(f"expected padding: {self.padding:.1%} of the tokens of an epoch (batch {self.batch_size}, {how})")
+        shares = ", ".join(f"{s} {self.share(s):.2%}" for s in ("train", "eval") if any(d.split == s for d in self.datasets))
+        verdict = "FAIL" if self.failed else "ok"
+        lines.append(f"{verdict}: bad share {shares} (data.max_bad_fraction {self.max_bad_fraction:g})")
+        return "\n".join(lines)
+
+
+def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckReport:
+    """Validate every sample of the recipe's datasets (see the module doc); no model weights are loaded."""
+    processor = processor if processor is not None else load_check_processor(recipe.model, recipe.train.seed)
+    d, t = recipe.data, recipe.train
+    workers = d.num_workers if workers is None else workers
+    counts, bad_all, truncated, lengths, padding = [], [], 0, [], None
+    for split, specs in (("train", d.train), ("eval", d.eval)):
+        if not specs:
+            continue
+        ds = LlavaDataset(
+            specs, processor, recipe.template, d.max_length, d.image_aspect, d.system_prompt, d.allow_absolute_paths, t.seed
+        )
+        exam = examine(ds, workers)
+        good, truncated = exam.lengths, truncated + exam.truncated
+        found = [(k, e) for k, src in enumerate(ds.sources) for e in src.bad] + exam.bad
+        bad_all += [(split, ds.sources[k].spec.path, e) for k, e in found]
+        in_mix = [0] * len(ds.sources)
+        for key in zip(ds._source.tolist(), ds._record.tolist()):
+            in_mix[key[0]] += key in good
+        for k, src in enumerate(ds.sources):
+            counts.append(DatasetCount(split, src.spec.path, len(src), sum(1 for kk, _ in found if kk == k), in_mix[k]))
+        if split == "train":
+            lengths = list(good.values())
+            padding = _padding(ds, good, recipe)
+    header = f"recipe: ok (stage {recipe.stage}, template {recipe.template}, max_length {d.max_length}, images {d.image_aspect})"
+    return CheckReport(
+        counts, bad_all, truncated, lengths, padding, t.batch_size, recipe.group_by_modality_length, d.max_bad_fraction, header
+    )
+
+
+def _padding(ds: LlavaDataset, good: dict[tuple[int, int], int], recipe: Recipe) -> float | None:
+    """Padding share of one epoch of the training mixture, on the exact token lengths."""
+    keys = list(zip(ds._source.tolist(), ds._record.tolist()))
+    keep = [j for j, key in enumerate(keys) if key in good]
+    if not keep:
+        return None
+    modality = ds.modality_lengths()
+    tokens = [good[keys[j]] for j in keep]
+    t = recipe.train
+    order = epoch_order([modality[j] for j in keep], recipe.group_by_modality_length, t.batch_size * t.grad_accum, t.seed)
+    return padding_fraction(tokens, order, t.batch_size)
+
+
+def load_check_processor(cfg: ModelConfig, seed: int = 0):
+    """The processor training would use, read without any model weights."""
+    from .model import load_processor
+
+    if cfg.name_or_path:
+        return load_processor(cfg.name_or_path, cfg.trust_remote_code, cfg.revision)
+    # A composed model: the LLM's tokenizer extended as composing extends it, and the tower's image settings.
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .compose import add_llava_tokens, llava_processor
+    from .errors import ModelError
+    from .model import check_source
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(check_source(cfg.language_model, "model.language_model"))
+        vision = AutoConfig.from_pretrained(check_source(cfg.vision_tower, "model.vision_tower"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model: cannot read the tokenizer or vision config ({str(e).strip().splitlines()[0]})") from None
+    add_llava_tokens(tokenizer)
+    return llava_processor(tokenizer, SimpleNamespace(vision_config=getattr(vision, "vision_config", vision)))

@@ -1,0 +1,95 @@
+"""`lora-llava estimate RECIPE.yaml [--gpu-memory 24GiB] [key.path=value ...]`: will the recipe fit the card?"""
+
+from __future__ import annotations
+
+import re
+
+GiB = 2**30
+DEFAULT_GPU = "24GiB"
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser(
+        "estimate",
+        parents=[common],
+        help="predict the peak GPU memory of a recipe from the model config alone",
+        description="Peak GPU memory of training a recipe, part by part, from the model's config (no weights, no network), "
+        "with a fits / does-not-fit verdict and the cheapest changes that would make it fit.",
+    )
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE", help="the recipe YAML file, then key.path=value overrides")
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help=f"memory of the card, e.g. 24GiB, 80GB (GB = GiB, as cards are labelled); default: this machine's GPU, else {DEFAULT_GPU}",
+    )
+    p.set_defaults(func=run)
+
+
+def parse_size(text: str) -> float:
+    """'24GiB', '24GB', '24G', '24' (GiB), '16000MiB' -> bytes. GB counts as GiB, as GPU makers label memory."""
+    from ..errors import RecipeError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib|t|tb|tib)?\s*", text.lower())
+    if not m:
+        raise RecipeError("--gpu-memory", [f"{text!r} is not a memory size (e.g. 24GiB, 80GB, 16000MiB)"])
+    return float(m.group(1)) * {"m": 2**20, "g": GiB, "t": 2**40}[(m.group(2) or "g")[0]]
+
+
+def card_memory(text: str | None) -> tuple[float, str]:
+    """Bytes of the card to fit, and how to name it."""
+    if text:
+        return parse_size(text), f"{parse_size(text) / GiB:.1f} GiB card"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return float(props.total_memory), f"{props.name} ({props.total_memory / GiB:.1f} GiB)"
+    return parse_size(DEFAULT_GPU), f"{parse_size(DEFAULT_GPU) / GiB:.1f} GiB card"
+
+
+def report(est, recipe, shape) -> list[str]:
+    """The estimate, part by part, ending with the `total:` line."""
+    t = recipe.train
+    lines = [
+        f"model: {shape.source}",
+        f"batch {t.batch_size} x {recipe.data.max_length} tokens ({shape.image_tokens} image tokens per sample), "
+        f"quantization {recipe.model.quantization}, LoRA r={recipe.lora.r}, optimizer {t.optimizer}, loss {t.loss}, "
+        f"checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+    ]
+    titles = {"weights": "weights", "trained": "trained parameters", "activations": f"at the peak ({est.moment})"}
+    for group, title in titles.items():
+        lines.append(f"{title}:")
+        lines += [f"  {p.name:<66}{p.bytes / GiB:7.2f} GiB" for p in est.parts if p.group == group]
+    lines.append(f"{'peak allocated':<68}{est.allocated / GiB:7.2f} GiB")
+    lines += [f"  {p.name:<66}{p.bytes / GiB:7.2f} GiB" for p in est.parts if p.group == "overhead"]
+    lines.append(f"total: {est.total / GiB:.1f} GiB")
+    return lines
+
+
+def run(args) -> int:
+    from ..errors import RecipeError
+    from ..memory import cheapest_fit, estimate, model_shape
+    from ..recipe import load_recipe
+    from .train import split_items
+
+    recipes, overrides = split_items(args.items)
+    if len(recipes) != 1:
+        raise RecipeError("<command line>", [f"estimate takes one recipe file, got {len(recipes)}"])
+    budget, card = card_memory(args.gpu_memory)
+    recipe = load_recipe(recipes[0], overrides)
+    shape = model_shape(recipe.model)
+    est = estimate(recipe, shape)
+    print("\n".join(report(est, recipe, shape)))
+    print(f"(data.max_length is the worst case: batches are padded to their longest sample; {est.tokens} tokens counted)")
+    if est.total <= budget:
+        print(f"fits: {card}, {(budget - est.total) / GiB:.1f} GiB to spare")
+        return 0
+    print(f"does not fit: {card}, {(est.total - budget) / GiB:.1f} GiB short")
+    found = cheapest_fit(recipe, shape, budget)
+    if found is None:
+        print("no change known to this tool makes it fit: use a larger card")
+        return 0
+    changes, fitted = found
+    print(f"cheapest changes that fit ({fitted.total / GiB:.1f} GiB): {' '.join(changes)}")
+    print(f"  lora-llava train {recipes[0]} {' '.join(overrides + changes)}")
+    return 0

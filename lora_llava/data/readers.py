@@ -1,0 +1,198 @@
+"""Dataset files -> records: LLaVA JSON / JSON Lines, and Hugging Face datasets.
+
+Reading a dataset reads its index only. A LLaVA JSON file is parsed once,
+record by record, and each record is kept as its raw JSON bytes in one buffer
+(`RecordStore`): 665K records cost one `bytes` object and an offset array
+instead of millions of Python objects, which DataLoader workers would
+otherwise copy page by page as they touch their reference counts. A record is
+parsed again when its sample is loaded.
+
+Hugging Face datasets stay memory-mapped Arrow; their image columns are read
+undecoded (`{"bytes", "path"}`), and `iter_hf` reads image references
+without pulling the image bytes into Python.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from ..recipe import DatasetSpec
+from .formats import detect_format
+
+EMBEDDED = "<embedded image>"  # image reference of an image stored inside a dataset
+_SEP = re.compile(r"[\s,]*")
+
+
+class RecordStore:
+    """Records as raw JSON in one buffer; `store[i]` parses record i."""
+
+    def __init__(self, blob: bytes, starts: np.ndarray, ends: np.ndarray):
+        self.blob, self.starts, self.ends = blob, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> Any:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return json.loads(self.blob[self.starts[i] : self.ends[i]])
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+
+def _store(blob: bytes, spans: list[tuple[int, int]]) -> RecordStore:
+    starts = np.fromiter((a for a, _ in spans), dtype=np.int64, count=len(spans))
+    ends = np.fromiter((b for _, b in spans), dtype=np.int64, count=len(spans))
+    return RecordStore(blob, starts, ends)
+
+
+def read_llava(path: str | Path, visit: Callable[[int, Any], None] | None = None) -> RecordStore:
+    """A LLaVA JSON list or JSON Lines file; `visit(i, record)` sees each record as it is parsed."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: data file not found")
+    raw = p.read_bytes()
+    if p.suffix == ".jsonl":
+        return _read_lines(raw, path, visit)
+    return _read_list(raw, path, visit)
+
+
+def _read_lines(raw: bytes, path: str | Path, visit) -> RecordStore:
+    spans, pos = [], 0
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+            if visit is not None:
+                visit(len(spans), record)
+            spans.append((pos, pos + len(line)))
+        pos += len(line) + 1
+    return _store(raw, spans)
+
+
+def _read_list(raw: bytes, path: str | Path, visit) -> RecordStore:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    decoder = json.JSONDecoder()
+    pos = _SEP.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}: expected a JSON list of samples")
+    spans = []
+    pos = _SEP.match(text, pos + 1).end()
+    try:
+        while not text.startswith("]", pos):
+            record, end = decoder.raw_decode(text, pos)
+            if visit is not None:
+                visit(len(spans), record)
+            spans.append((pos, end))
+            pos = _SEP.match(text, end).end()
+    except (json.JSONDecodeError, IndexError) as e:
+        line = text.count("\n", 0, getattr(e, "pos", pos)) + 1
+        raise DataError(f"{path}: invalid JSON at line {line} ({getattr(e, 'msg', 'unexpected end of file')})") from None
+    if text.isascii():  # character offsets are byte offsets: keep the file's bytes as they are
+        return _store(raw[len(raw) - len(text) :], spans)
+    parts = [text[a:b].encode("utf-8") for a, b in spans]
+    ends = np.cumsum([len(b) for b in parts], dtype=np.int64)
+    return RecordStore(b"".join(parts), ends - [len(b) for b in parts], ends)
+
+
+def read_hf(path: str | Path):
+    """A `save_to_disk` folder, a folder of parquet files, or a parquet / jsonl file, as a `datasets.Dataset`."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: data file not found")
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return ds
+    if p.is_dir():
+        files = sorted(str(f) for f in p.glob("*.parquet"))
+        if not files:
+            raise DataError(f"{path}: neither a save_to_disk folder nor a folder of parquet files")
+    else:
+        files = [str(p)]
+    kind = {".parquet": "parquet", ".arrow": "arrow"}.get(Path(files[0]).suffix, "json")
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as e:  # datasets raises many types for a file it cannot read
+        raise DataError(f"{path}: cannot read as a {kind} dataset ({type(e).__name__}: {e})") from None
+
+
+class ArrowRows:
+    """Rows of a `datasets.Dataset` as dicts, image columns undecoded (`{"bytes", "path"}`).
+
+    Read through the Arrow format: casting image columns to `decode=False` would
+    rewrite the whole dataset, images included, into a new cache file.
+    """
+
+    def __init__(self, ds):
+        self.ds = ds.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i].to_pylist()[0]
+
+
+def reads_as_json(spec: DatasetSpec) -> bool:
+    """True when this module's JSON reader reads the dataset (.json / .jsonl in either layout), False for `datasets`."""
+    if spec.format == "hf":
+        return False
+    return Path(spec.path).suffix in (".json", ".jsonl") or detect_format(spec) == "llava"
+
+
+def read_records(spec: DatasetSpec):
+    """The records of one dataset: a `RecordStore` for .json / .jsonl, a `datasets.Dataset` otherwise."""
+    return read_llava(spec.path) if reads_as_json(spec) else read_hf(spec.path)
+
+
+def iter_hf(ds, batch_size: int = 1000) -> Iterator[dict]:
+    """Rows of an HF dataset with image columns as references: a path, or `EMBEDDED` when stored inline."""
+    image_cols = [c for c in ("images", "image") if c in ds.column_names]
+    for table in ds.with_format("arrow").iter(batch_size=batch_size):
+        rest = table.drop_columns(image_cols).to_pylist()
+        refs = {c: _image_refs(table.column(c).combine_chunks()) for c in image_cols}
+        for r, row in enumerate(rest):
+            row.update({c: refs[c][r] for c in image_cols})
+            yield row
+
+
+def _image_refs(col) -> list:
+    """Per row: an image reference, or a list of them, read without touching image bytes."""
+    import pyarrow as pa
+
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        flat = _scalar_refs(col.flatten())
+        offsets = col.offsets.to_pylist()
+        offsets = [o - offsets[0] for o in offsets]  # a sliced array keeps its parent's offsets; flatten() does not
+        valid = col.is_valid().to_pylist()
+        return [flat[offsets[r] : offsets[r + 1]] if valid[r] else None for r in range(len(col))]
+    return _scalar_refs(col)
+
+
+def _scalar_refs(col) -> list:
+    import pyarrow as pa
+
+    if pa.types.is_struct(col.type):
+        has_bytes = col.field("bytes").is_valid().to_pylist() if col.type.get_field_index("bytes") >= 0 else [False] * len(col)
+        paths = col.field("path").to_pylist() if col.type.get_field_index("path") >= 0 else [None] * len(col)
+        present = col.is_valid().to_pylist()
+        return [None if not ok else (EMBEDDED if b else p) for ok, b, p in zip(present, has_bytes, paths)]
+    return col.to_pylist()
