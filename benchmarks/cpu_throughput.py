@@ -14,8 +14,11 @@ batch 4, fp32):
 * TRL: SFTTrainer with the same LoRA config (its fused LM head);
 * plain: transformers.Trainer on the same PEFT model, the model's own loss.
 
-Each trainer runs in its own process; reported: tokens/s (real tokens, padding
-left out) over the steps after --warmup, and the process's peak RSS.
+Each trainer runs in its own process, on one thread by default (on a busy
+shared machine, multi-threaded timings measure OpenMP's waiting more than the
+trainers); reported: tokens per second of process CPU time and of wall time
+(real tokens, padding left out) over the steps after --warmup, and the
+process's peak RSS.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per trainer")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: steady figures on a shared machine)")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     p.add_argument("--workdir", type=Path, help="where the model and data are built (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="write all figures to this file")
@@ -126,6 +130,7 @@ def run_one(name: str, args) -> dict:
     from lora_llava.model import load_processor
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix=f"cpu-bench-{name}-"))
     recipe = bench_recipe(args.workdir, args, out)
     processor = load_processor(recipe.model.name_or_path)
@@ -187,7 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "--result-json",
                 str(path),
             ]
-            proc = subprocess.run(cmd, env={**os.environ, "LORA_LLAVA_PROGRESS": "0"}, capture_output=True, text=True)
+            env = {
+                **os.environ,
+                "LORA_LLAVA_PROGRESS": "0",
+                "OMP_NUM_THREADS": str(args.threads),
+                "MKL_NUM_THREADS": str(args.threads),
+            }
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-4000:], file=sys.stderr)
                 results["runs"][name] = {

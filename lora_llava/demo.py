@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoraLlavaError
-from .evaluate import evaluate, format_report, headline
+from .evaluate import evaluate_model, format_report, headline
 from .inference import Sampling, load_predictor
 from .recipe import Recipe, load_recipe
 
@@ -76,7 +76,7 @@ def demo_overrides(workdir: Path, model: Path, data: Path, extra: list[str]) -> 
 def score(source: str | Path, recipe: Recipe) -> dict:
     """The eval set of the recipe scored with `source` (the untrained model, or the run)."""
     predictor = load_predictor(source, dtype=recipe.model.dtype, template=recipe.template)
-    return evaluate(predictor, recipe.data.eval[0], sampling=Sampling(max_new_tokens=ANSWER_TOKENS), batch_size=32)
+    return evaluate_model(predictor, recipe.data.eval[0], sampling=Sampling(max_new_tokens=ANSWER_TOKENS), batch_size=32)
 
 
 def run_demo(

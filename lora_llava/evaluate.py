@@ -280,7 +280,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def evaluate(
+def evaluate_model(
     model: str | Path | Predictor,
     data: str | Path | DatasetSpec,
     image_folder: str | None = None,

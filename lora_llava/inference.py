@@ -136,10 +136,10 @@ class Predictor:
             pad_token_id=tok.pad_token_id,
             use_cache=True,  # training switches the cache off in the config
         )
-        # An untrained model can emit the image placeholder; it is no text, and kept in a chat's
+        texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, longest:]]
+        # An untrained model can spell the image placeholder; it is no answer, and kept in a chat's
         # history it would ask for an image that is not there.
-        rows = [[t for t in row.tolist() if t != self.image_token_id] for row in out[:, longest:]]
-        return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]
+        return [t.replace(IMAGE_TAG, "").strip() for t in texts]
 
 
 def user_text(prompt: str, n_images: int) -> str:

@@ -107,7 +107,7 @@ class DataConfig:
     template: Literal["vicuna_v1", "plain", "chat_template", "auto"] = _f(
         "auto", "Prompt template. auto: plain for stage align, vicuna_v1 for stage instruct (LLaVA-1.5)."
     )
-    system_prompt: str | None = _f(None, "Override the template's system prompt (vicuna_v1).")
+    system_prompt: str | None = _f(None, "System prompt for samples without one of their own (default: the template's; vicuna_v1, chat_template).")
     max_length: int = _f(2048, "Maximum tokens per sample, image tokens included; image tokens are never cut.", gt=0)
     image_aspect: Literal["pad", "crop"] = _f("pad", "pad: pad to a square with the CLIP mean colour, then resize (LLaVA-1.5). crop: centre crop.")
     group_by_modality_length: bool | None = _f(
@@ -122,7 +122,7 @@ class DataConfig:
     )
     on_bad_sample: Literal["error", "skip"] = _f("error", "Bad samples found before training: stop with an error, or skip and count them.")
     max_bad_fraction: float = _f(0.0, "Share of bad samples `lora-llava check` and on_bad_sample: skip tolerate (per split).", min=0, max=1)
-    allow_absolute_paths: bool = _f(False, "Allow image paths outside their image folder (absolute or ../).")
+    allow_absolute_paths: bool = _f(False, "Allow image paths outside their image folder (absolute, ../, or symlinks that lead out).")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -112,6 +112,9 @@ def prepare_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str |
                 "use another output_dir, or --overwrite to replace it"
             )
         found = checkpoints(out)
+        finished = (out / "adapter_model.safetensors").is_file() or paths.projector.is_file()
+        if finished and not isinstance(resume, str):
+            raise OutputError(f"train.output_dir: {out} holds a finished run of this recipe; use --overwrite to train it again")
         if isinstance(resume, str):
             checkpoint = Path(resume)
             if not (checkpoint / "trainer_state.json").is_file():
@@ -120,8 +123,6 @@ def prepare_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str |
             raise OutputError(f"train.output_dir: {out} has checkpoints and --no-resume was given; use --overwrite to start over")
         elif found:
             checkpoint = found[-1]
-        elif (out / "adapter_model.safetensors").is_file() or paths.projector.is_file():
-            raise OutputError(f"train.output_dir: {out} holds a finished run of this recipe; use --overwrite to train it again")
     elif isinstance(resume, str):
         raise OutputError(f"--resume: {resume} is not a complete checkpoint")
     if create:

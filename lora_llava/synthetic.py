@@ -111,3 +111,40 @@ def make_caption_dataset(folder: str | Path, n_images: int = 64, seed: int = 0) 
     path = root / "captions.json"
     path.write_text(json.dumps(samples, indent=1), encoding="utf-8")
     return path
+
+
+def make_demo_dataset(
+    folder: str | Path,
+    n_images: int = 300,
+    seed: int = 0,
+    split: str = "train",
+    probe: str = "red",
+    image_size: tuple[int, int] = (64, 48),
+) -> Path:
+    """The demo's VQA set: per image one open question (its colour) and one POPE-style existence question.
+
+    The existence question always asks for a `probe`-coloured shape, and the probe colour is in
+    half of the images, so "yes" and "no" are equally likely (chance: 50%) as in POPE's balanced
+    sets. Samples carry `question_type` and `answer` like `make_shapes_dataset`'s.
+    """
+    root = Path(folder)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    others = [c for c in COLOURS if c != probe]
+    samples = []
+    for i in range(n_images):
+        shape = rng.choice(SHAPES)
+        colour = probe if rng.random() < 0.5 else rng.choice(others)
+        w, h = image_size
+        name = f"{split}_{i:05d}.png"
+        draw_shape(shape, colour, (w, h) if rng.random() < 0.5 else (h, w), rng).save(root / "images" / name)
+        qas = [
+            ("What colour is the shape?", colour, "open"),
+            (f"Is there a {probe} shape in the image?", "yes" if colour == probe else "no", "closed"),
+        ]
+        for k, (q, a, qtype) in enumerate(qas):
+            conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+            samples.append({"id": f"{split}-{i}-{k}", "image": name, "conversations": conv, "question_type": qtype, "answer": a})
+    path = root / f"{split}.json"
+    path.write_text(json.dumps(samples, indent=1), encoding="utf-8")
+    return path

@@ -33,7 +33,7 @@ def register(sub, common) -> None:
 
 def run(args) -> int:
     from ..errors import LoraLlavaError
-    from ..evaluate import evaluate, evaluate_recipe, format_report
+    from ..evaluate import evaluate_model, evaluate_recipe, format_report
     from .train import split_items
 
     recipes, overrides = split_items(args.items)
@@ -55,7 +55,7 @@ def run(args) -> int:
         raise LoraLlavaError(f"{overrides[0]}: overrides need a recipe file")
     if not args.data:
         raise LoraLlavaError("give a recipe file, or --model and --data")
-    report = evaluate(
+    report = evaluate_model(
         load(args), args.data, args.image_folder, sampling(args), args.batch_size, args.limit, args.output, args.overwrite
     )
     print(format_report(report, title=args.data))

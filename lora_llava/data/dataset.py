@@ -132,6 +132,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.image_aspect = image_aspect
         self.system_prompt = system_prompt
+        if template == "chat_template" and not getattr(self.tokenizer, "chat_template", None):
+            raise DataError("data.template: chat_template, but this model's tokenizer has no chat template (use vicuna_v1)")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
         self.tokens_per_image = tokens_per_image(processor)
         self.sources = [Source(spec, allow_absolute_paths) for spec in specs]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import DataError
 from .dataset import LlavaDataset
 from .formats import SampleError
 
@@ -45,6 +46,8 @@ class _Examine(torch.utils.data.Dataset):
             enc, _ = self.ds.encode_sample(self.ds.sources[k].sample(i), pixels=False)
         except SampleError as e:
             return k, i, None, False, (e.sample_id, e.kind, e.reason)
+        except DataError as e:  # not about one sample (e.g. the template): stop, with the message intact
+            return k, i, None, False, str(e)
         return k, i, len(enc.input_ids), enc.truncated, None
 
 
@@ -62,6 +65,8 @@ def examine(ds: LlavaDataset, workers: int = 0) -> Examination:
     out = Examination()
     for batch in loader:
         for k, i, n, cut, err in batch:
+            if isinstance(err, str):
+                raise DataError(err)
             if err is not None:
                 out.bad.append((k, SampleError(*err)))
             else:
