@@ -125,11 +125,12 @@ def build_model(shape: ModelShape, image_token: int, device: torch.device):
     config.text_config.num_hidden_layers = 0  # everything but the decoder layers, in bf16
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    config.text_config.num_hidden_layers = shape.layers
+    text_config = model.config.text_config  # the model's own: it carries the attention kernel (sdpa)
+    text_config.num_hidden_layers = shape.layers
     layers = model.model.language_model.layers
     for i in range(shape.layers):
         with torch.device("meta"):
-            layer = LlamaDecoderLayer(config.text_config, layer_idx=i)
+            layer = LlamaDecoderLayer(text_config, layer_idx=i)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.to_empty(device=device).to(torch.bfloat16).weight.data.fill_(1.0)
         for block in (layer.self_attn, layer.mlp):
@@ -281,7 +282,9 @@ def run_one(name: str, args) -> dict:
     processor = build_processor(tokenizer, shape.image_size, shape.patch_size)
     image_token = tokenizer.convert_tokens_to_ids("<image>") if args.size == "tiny" else 32000
     model = build_model(shape, image_token, device)
-    ds = synthetic_dataset(args.steps, args.seq_len, shape, image_token, text_vocab=min(shape.vocab, 32000))
+    ds = synthetic_dataset(
+        args.steps, args.seq_len, shape, image_token, text_vocab=min(shape.vocab, image_token)
+    )  # no <image> or <pad> in the text
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     recipe = bench_recipe(args, out)
     timer = StepTimer()

@@ -1,6 +1,6 @@
 """Train the tiny offline model on generated shapes from Python, then list the run folder.
 
-    python examples/train_from_python.py
+python examples/train_from_python.py
 """
 
 from pathlib import Path

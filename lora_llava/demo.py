@@ -13,10 +13,14 @@ adaptation where the base model's weights stay frozen.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .errors import LoraLlavaError
 from .evaluate import evaluate_model, format_report, headline
@@ -25,8 +29,8 @@ from .recipe import Recipe, load_recipe
 
 # The tiny model: 56 px images (16 image tokens) keep each step fast; a 128-wide LLaMA has
 # room enough in its frozen random output layer for confident answers.
-TINY = {"image_size": 56, "text_hidden": 128, "vision_hidden": 32, "layers": 2, "seed": 0}
-DATA = {"train_images": 300, "eval_images": 100}
+TINY = {"image_size": 56, "text_hidden": 128, "vision_hidden": 64, "layers": 2}
+DATA = {"train_images": 400, "eval_images": 200}
 ANSWER_TOKENS = 8  # answers are one word; a random model would otherwise ramble for 128 tokens
 
 
@@ -46,19 +50,16 @@ def find_demo_recipe() -> Path:
     raise LoraLlavaError("recipes/demo.yaml not found (run from the lora-llava source folder, or give --recipe)")
 
 
-def prepare(workdir: Path, seed: int) -> tuple[Path, Path]:
-    """The tiny model and the shapes data in `workdir`, made unless already there."""
+def prepare(model: Path, data: Path, seed: int) -> None:
+    """The tiny model and the shapes data, made unless already there (a second demo reuses them)."""
     from .synthetic import make_demo_dataset
     from .tiny import make_tiny
 
-    model = workdir / "tiny-llava"
     if not (model / "config.json").is_file():
-        make_tiny(model, **TINY)
-    data = workdir / "data"
+        make_tiny(model, seed=seed, **TINY)
     if not (data / "test.json").is_file():
         make_demo_dataset(data, DATA["train_images"], seed=seed, split="train")
         make_demo_dataset(data, DATA["eval_images"], seed=seed + 10_000, split="test")
-    return model, data
 
 
 def demo_overrides(workdir: Path, model: Path, data: Path, extra: list[str]) -> list[str]:
@@ -87,18 +88,45 @@ def run_demo(
     seed: int = 0,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Make model and data, score, train, score again; returns the run folder and both reports."""
+    """Make model and data, score, train, score again; returns the run folder and both reports.
+
+    `seed` seeds the tiny model, the data and training (train.seed); `overrides` change the recipe.
+    """
+    with _one_cpu_thread():
+        return _run(Path(workdir), recipe_path, list(overrides), overwrite, seed, say)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread():
+    """On the CPU, run the tiny model on one thread (unless OMP_NUM_THREADS says otherwise).
+
+    Its matrices are too small to gain from splitting, and on a busy machine OpenMP threads
+    wait on each other: on a loaded 2-core machine the demo took 39 s on one thread, 365 s on two.
+    """
+    if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(workdir: Path, recipe_path, overrides: list[str], overwrite: bool, seed: int, say: Callable[[str], None]) -> DemoResult:
     from .plots import plot_run
     from .runs import prepare_output_dir
     from .train import train
     from .trainer import read_metrics
 
-    workdir = Path(workdir)
-    model, data = prepare(workdir, seed)
-    recipe = load_recipe(recipe_path or find_demo_recipe(), demo_overrides(workdir, model, data, list(overrides)))
+    model, data = workdir / "tiny-llava", workdir / "data"
+    recipe = load_recipe(
+        recipe_path or find_demo_recipe(), demo_overrides(workdir, model, data, [f"train.seed={seed}", *overrides])
+    )
     run_dir = Path(recipe.train.output_dir)
     prepare_output_dir(run_dir, recipe, overwrite=overwrite, resume=None, create=False)  # refuse early, before any work
-
+    prepare(model, data, seed)
     say(f"tiny LLaVA-1.5 in {model}; {data / 'train.json'} (train), {data / 'test.json'} (eval)")
     before = score(model, recipe)
     say(format_report(before, "before training:"))

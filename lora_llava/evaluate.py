@@ -31,7 +31,8 @@ import torch
 from transformers import TrainerCallback
 
 from .data.formats import IMAGE_TAG, SampleError, detect_format, read_records, resolve_image, to_sample
-from .errors import DataError, OutputError
+from .data.images import load_image
+from .errors import DataError, ModelError, OutputError
 from .inference import Predictor, Request, Sampling, as_predictor
 from .recipe import DatasetSpec, Recipe
 
@@ -250,14 +251,12 @@ def format_report(report: dict, title: str = "") -> str:
 
 def answer_questions(predictor: Predictor, questions: list[Question], sampling: Sampling, batch_size: int = 8) -> list[str]:
     """Answers to `questions`; images are decoded one batch at a time, so large eval sets fit in memory."""
-    from .data.dataset import _load_image
-
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         requests = []
         for q in questions[start : start + batch_size]:
             try:
-                images = tuple(_load_image(p) for p in q.images)
+                images = tuple(load_image(p) for p in q.images)
             except DataError as e:
                 raise DataError(f"sample {q.id}: {e}") from None
             requests.append(Request(q.turns, images))
@@ -317,7 +316,10 @@ def evaluate_recipe(
         raise DataError("data.eval: the recipe has no evaluation data")
     out = Path(output_dir) if output_dir is not None else Path(recipe.train.output_dir) / "eval"
     check_outputs([out / "predictions.jsonl", out / "metrics.json"], overwrite)
-    predictor = as_predictor(model if model is not None else recipe.train.output_dir)
+    run = Path(recipe.train.output_dir)
+    if model is None and not ((run / "adapter_config.json").is_file() or (run / "model" / "config.json").is_file()):
+        raise ModelError(f"train.output_dir: {run} holds no finished run (train it first, or give --model)")
+    predictor = as_predictor(model if model is not None else run)
     reports, rows = {}, []
     for spec in recipe.data.eval:
         questions = read_questions(spec, limit, recipe.data.allow_absolute_paths)

@@ -32,7 +32,7 @@ from .data.formats import IMAGE_TAG
 from .data.images import open_image, pixel_values
 from .data.templates import TEMPLATES, Rendered, generation_prompt
 from .errors import DataError, LoraLlavaError, ModelError
-from .recipe import ModelConfig, Recipe, load_recipe
+from .recipe import ModelConfig, load_recipe
 from .runs import RunPaths
 
 NO_LIMIT = 10**9  # prompts are never truncated: a cut prompt asks a different question
@@ -113,9 +113,10 @@ class Predictor:
     @torch.inference_mode()
     def _generate_batch(self, ids: list[list[int]], images: list[tuple[Image.Image, ...]], sampling: Sampling) -> list[str]:
         tok = self.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # masked out either way
         longest = max(len(x) for x in ids)
         device = self.model.device
-        input_ids = torch.full((len(ids), longest), tok.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(ids), longest), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for row, x in enumerate(ids):
             input_ids[row, longest - len(x) :] = torch.tensor(x)
@@ -133,7 +134,7 @@ class Predictor:
             top_p=sampling.top_p if sample else None,
             top_k=None,
             eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+            pad_token_id=pad,
             use_cache=True,  # training switches the cache off in the config
         )
         texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, longest:]]

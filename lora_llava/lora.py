@@ -44,7 +44,7 @@ def setup_instruct(model, recipe: Recipe):
         bias="none",
     )
     peft_model = get_peft_model(model, config)  # adapters start in fp32 (autocast_adapter_dtype)
-    for name, p in peft_model.named_parameters():
+    for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights for everything that trains
     check_trainable(peft_model, recipe)
@@ -76,8 +76,12 @@ def check_trainable(model, recipe: Recipe) -> None:
         wrong = [n for n in trainable if not is_projector(n)]
         missing = not any(is_projector(n) for n in trainable)
     else:
-        wrong = [n for n in trainable if not ((is_lora(n) and "language_model" in n) or (is_projector(n) and "modules_to_save" in n))]
-        missing = not any(is_lora(n) for n in trainable) or (recipe.projector.trainable and not any(is_projector(n) for n in trainable))
+        wrong = [
+            n for n in trainable if not ((is_lora(n) and "language_model" in n) or (is_projector(n) and "modules_to_save" in n))
+        ]
+        missing = not any(is_lora(n) for n in trainable) or (
+            recipe.projector.trainable and not any(is_projector(n) for n in trainable)
+        )
     if wrong or missing:
         raise RuntimeError(f"trainable parameters differ from the recipe: unexpected {wrong[:5]}, missing={missing}")
 
@@ -127,7 +131,9 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
         if p.requires_grad:
             (proj if is_projector(name) else lora).append(p)
     if recipe.stage == "align":
-        return [{"params": proj, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay, "name": "projector"}]
+        return [
+            {"params": proj, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay, "name": "projector"}
+        ]
     proj_lr = recipe.projector.learning_rate or recipe.train.learning_rate
     groups = [{"params": lora, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay, "name": "lora"}]
     if proj:

@@ -16,9 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,16 +88,7 @@ def merge(
     share of the largest |logit| that depends on the mode, `parity.RELATIVE_TOLERANCE`).
     check: run the parity check. samples: how many samples it uses.
     """
-    if merge_into not in MERGE_MODES:
-        raise LoraLlavaError(f"--merge-into: {merge_into!r} is not one of {', '.join(MERGE_MODES)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise LoraLlavaError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    if samples < 1 or (tolerance is not None and not tolerance > 0):
-        raise LoraLlavaError("--samples must be at least 1 and --tolerance greater than 0")
-    try:
-        max_bytes = parse_size(max_shard_size)
-    except ValueError as e:
-        raise LoraLlavaError(f"--max-shard-size: {e}") from None
+    max_bytes = _check_options(merge_into, dtype, samples, tolerance, max_shard_size)
     src = read_source(Path(run_dir), recipe_file=recipe, base=base)
     out = Path(output_dir)
     check_target(out, overwrite, src)
@@ -113,7 +102,7 @@ def merge(
         _chmod_like_mkdir(tmp)
         n_shards, size = write_weights(base_dir, tmp, rule, max_bytes)
         parity = _write_release(src, base_dir, tmp, out.name, rule, check, samples, tolerance, merge_into)
-        put_in_place(tmp, out)
+        put_in_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,6 +110,22 @@ def merge(
     return MergeReport(
         out, src.base, merge_into, str(out_dtype).removeprefix("torch."), n_shards, size, n_lora, projector_from, parity
     )
+
+
+def _check_options(merge_into: str, dtype: str | None, samples: int, tolerance: float | None, max_shard_size: str | int) -> int:
+    """Usage errors before any work; returns the shard size in bytes."""
+    if merge_into not in MERGE_MODES:
+        raise LoraLlavaError(f"--merge-into: {merge_into!r} is not one of {', '.join(MERGE_MODES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LoraLlavaError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if samples < 1:
+        raise LoraLlavaError(f"--samples: must be at least 1, got {samples}")
+    if tolerance is not None and not tolerance > 0:
+        raise LoraLlavaError(f"--tolerance: must be greater than 0, got {tolerance}")
+    try:
+        return parse_size(max_shard_size)
+    except ValueError as e:
+        raise LoraLlavaError(f"--max-shard-size: {e}") from None
 
 
 def _write_release(
@@ -184,7 +189,7 @@ def write_weights(base_dir: Path, out: Path, rule: MergeRule, max_bytes: int) ->
     check_fit(specs, rule.adapter, rule.projector, str(base_dir))
     shards = plan_shards([rule.output_spec(s) for s in specs], max_bytes)
     names = shard_names(len(shards))
-    tensors = ((name, t) for f in files for name, t in iter_tensors(f, [s.name for s in by_file[f]]))
+    tensors = (item for f in files for item in iter_tensors(f, [s.name for s in by_file[f]]))  # one at a time, in order
     with TensorFile(rule.adapter.file) if rule.adapter else contextlib.nullcontext() as handle:
         for shard, name in zip(shards, names):
             with ShardWriter(out / name, shard) as writer:
@@ -215,11 +220,13 @@ def _chmod_like_mkdir(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
 
 
-def put_in_place(tmp: Path, out: Path) -> None:
+def put_in_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder onto the target; a replaced target is removed only after that."""
     if not out.exists():
         os.replace(tmp, out)
         return
+    if any(out.iterdir()) and not overwrite:  # it appeared while the merge ran
+        raise OutputError(f"--output: {out} exists and is not empty (use --overwrite to replace it)")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
     os.replace(out, old / out.name)
     try:
@@ -228,14 +235,3 @@ def put_in_place(tmp: Path, out: Path) -> None:
         os.replace(old / out.name, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-class _CallableModule(types.ModuleType):
-    """`lora_llava.merge` is both this module and the function: once the module is imported, the
-    package attribute is the module, so calling it must still merge."""
-
-    def __call__(self, *args, **kwargs) -> MergeReport:
-        return merge(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

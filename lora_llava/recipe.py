@@ -81,7 +81,9 @@ class LoraConfig:
 @dataclass(frozen=True, kw_only=True)
 class ProjectorConfig:
     learning_rate: float | None = _f(
-        2e-5, "Learning rate of the fully trained projector in stage 2 (LLaVA-1.5 mm_projector_lr: 2e-5); null: train.learning_rate.", gt=0
+        2e-5,
+        "Learning rate of the fully trained projector in stage 2 (LLaVA-1.5 mm_projector_lr: 2e-5); null: train.learning_rate.",
+        gt=0,
     )
     trainable: bool = _f(True, "Train the projector fully in stage 2 (LLaVA-1.5 does).")
 
@@ -93,7 +95,9 @@ class DatasetSpec:
     format: Literal["auto", "llava", "hf"] = _f(
         "auto", "auto: from the path (.json/.jsonl: read as JSON, LLaVA or chat layout per record; folder/.parquet/.arrow: hf)."
     )
-    weight: float | None = _f(None, "Sampling weight in a mixture: the dataset is repeated or subsampled to weight x its size.", gt=0)
+    weight: float | None = _f(
+        None, "Sampling weight in a mixture: the dataset is repeated or subsampled to weight x its size.", gt=0
+    )
     max_samples: int | None = _f(None, "Use at most this many samples of the dataset.", gt=0)
     response_suffix: str | None = _f(
         None, "Appended to each question, e.g. 'Answer the question using a single word or phrase.' for short-answer VQA."
@@ -107,9 +111,13 @@ class DataConfig:
     template: Literal["vicuna_v1", "plain", "chat_template", "auto"] = _f(
         "auto", "Prompt template. auto: plain for stage align, vicuna_v1 for stage instruct (LLaVA-1.5)."
     )
-    system_prompt: str | None = _f(None, "System prompt for samples without one of their own (default: the template's; vicuna_v1, chat_template).")
+    system_prompt: str | None = _f(
+        None, "System prompt for samples without one of their own (default: the template's; vicuna_v1, chat_template)."
+    )
     max_length: int = _f(2048, "Maximum tokens per sample, image tokens included; image tokens are never cut.", gt=0)
-    image_aspect: Literal["pad", "crop"] = _f("pad", "pad: pad to a square with the CLIP mean colour, then resize (LLaVA-1.5). crop: centre crop.")
+    image_aspect: Literal["pad", "crop"] = _f(
+        "pad", "pad: pad to a square with the CLIP mean colour, then resize (LLaVA-1.5). crop: centre crop."
+    )
     group_by_modality_length: bool | None = _f(
         None, "Batches of image-only or text-only samples of similar length. null: on for instruct, off for align."
     )
@@ -120,9 +128,15 @@ class DataConfig:
         "processes); index reads the index only (structure, image paths) and starts in seconds, and an unreadable or "
         "too-long sample met during training is then skipped and counted.",
     )
-    on_bad_sample: Literal["error", "skip"] = _f("error", "Bad samples found before training: stop with an error, or skip and count them.")
-    max_bad_fraction: float = _f(0.0, "Share of bad samples `lora-llava check` and on_bad_sample: skip tolerate (per split).", min=0, max=1)
-    allow_absolute_paths: bool = _f(False, "Allow image paths outside their image folder (absolute, ../, or symlinks that lead out).")
+    on_bad_sample: Literal["error", "skip"] = _f(
+        "error", "Bad samples found before training: stop with an error, or skip and count them."
+    )
+    max_bad_fraction: float = _f(
+        0.0, "Share of bad samples `lora-llava check` and on_bad_sample: skip tolerate (per split).", min=0, max=1
+    )
+    allow_absolute_paths: bool = _f(
+        False, "Allow image paths outside their image folder (absolute, ../, or symlinks that lead out)."
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,10 +144,14 @@ class TrainConfig:
     output_dir: str = _f(help="Run folder: adapter, checkpoints, resolved recipe, metrics, plots.")
     epochs: float = _f(1.0, "Passes over the training data.", gt=0)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", gt=0)
-    learning_rate: float = _f(2e-4, "Learning rate of the LoRA weights (LLaVA-1.5: 2e-4), or of the projector in stage align (1e-3).", gt=0)
+    learning_rate: float = _f(
+        2e-4, "Learning rate of the LoRA weights (LLaVA-1.5: 2e-4), or of the projector in stage align (1e-3).", gt=0
+    )
     batch_size: int = _f(16, "Samples per device per forward pass.", gt=0)
     grad_accum: int = _f(1, "Gradient accumulation steps; global batch = batch_size x grad_accum x world size.", gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f("cosine", "Learning-rate schedule (LLaVA-1.5: cosine).")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
+        "cosine", "Learning-rate schedule (LLaVA-1.5: cosine)."
+    )
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up (LLaVA-1.5: 0.03).", min=0, max=1)
     weight_decay: float = _f(0.0, "AdamW weight decay (LLaVA-1.5: 0).", min=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns clipping off.", min=0)
@@ -142,7 +160,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _f(True, "Non-reentrant activation checkpointing of the language model.")
     loss: Literal["chunked", "standard"] = _f(
-        "chunked", "chunked: cross-entropy over lm_head in chunks, never the full fp32 logits (same loss). standard: the model's own loss."
+        "chunked",
+        "chunked: cross-entropy over lm_head in chunks, never the full fp32 logits (same loss). standard: the model's own loss.",
     )
     logging_steps: int = _f(1, "Log the loss every N steps.", gt=0)
     save_steps: int = _f(500, "Save a checkpoint every N steps.", gt=0)
@@ -150,7 +169,8 @@ class TrainConfig:
     eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null: only at the end).", gt=0)
     seed: int = _f(42, "Seed of initialisation, data order and dropout.")
     on_nonfinite: Literal["stop", "skip"] = _f(
-        "stop", "A step with a non-finite loss or gradients: stop (the last good checkpoint stays), or skip the step and count it."
+        "stop",
+        "A step with a non-finite loss or gradients: stop (the last good checkpoint stays), or skip the step and count it.",
     )
 
 
@@ -160,7 +180,9 @@ class Recipe:
     model: ModelConfig = _f(help="The model to adapt.")
     data: DataConfig = _f(help="Datasets, template, lengths.")
     train: TrainConfig = _f(help="Optimisation and outputs.")
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters on the language model (stage instruct)."})
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"help": "LoRA adapters on the language model (stage instruct)."}
+    )
     projector: ProjectorConfig = field(default_factory=ProjectorConfig, metadata={"help": "The multi-modal projector."})
 
     @property
@@ -272,7 +294,11 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            hint = [SYNONYMS[key]] if SYNONYMS.get(key) in fields else difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = (
+                [SYNONYMS[key]]
+                if SYNONYMS.get(key) in fields
+                else difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            )
             extra = f" (did you mean {prefix}{hint[0]}?)" if hint else f" (allowed: {', '.join(fields)})"
             problems.append(f"{prefix}{key}: unknown key{extra}")
     kwargs = {}
@@ -313,7 +339,9 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         )
     bad = [t for t in r.lora.target_modules if t not in LLM_LINEAR_LAYERS]
     if bad:
-        problems.append(f"lora.target_modules: {bad} are not linear layers of the language model ({', '.join(LLM_LINEAR_LAYERS)})")
+        problems.append(
+            f"lora.target_modules: {bad} are not linear layers of the language model ({', '.join(LLM_LINEAR_LAYERS)})"
+        )
 
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:

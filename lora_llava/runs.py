@@ -28,6 +28,7 @@ RESUME_FREE_KEYS = {
     "train.eval_steps",
     "data.num_workers",
     "data.eval",
+    "train.loss",  # chunked and standard cross-entropy compute the same loss
 }
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
@@ -160,7 +161,9 @@ def truncate_metrics(path: Path, step: int) -> None:
 
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [
+        line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)

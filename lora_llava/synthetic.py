@@ -121,27 +121,26 @@ def make_demo_dataset(
     probe: str = "red",
     image_size: tuple[int, int] = (64, 48),
 ) -> Path:
-    """The demo's VQA set: per image one open question (its colour) and one POPE-style existence question.
+    """The demo's VQA set: every image's colour (open), and a POPE-style existence question (closed).
 
-    The existence question always asks for a `probe`-coloured shape, and the probe colour is in
-    half of the images, so "yes" and "no" are equally likely (chance: 50%) as in POPE's balanced
-    sets. Samples carry `question_type` and `answer` like `make_shapes_dataset`'s.
+    Colours are equally likely. The existence question always asks for a `probe`-coloured
+    shape; it is asked about every probe-coloured image and about a matching share of the
+    others, so "yes" and "no" are equally likely (chance: 50%), as in POPE's balanced sets.
+    Samples carry `question_type` and `answer` like `make_shapes_dataset`'s.
     """
     root = Path(folder)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    others = [c for c in COLOURS if c != probe]
+    ask_absent = 1 / (len(COLOURS) - 1)
     samples = []
     for i in range(n_images):
-        shape = rng.choice(SHAPES)
-        colour = probe if rng.random() < 0.5 else rng.choice(others)
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         w, h = image_size
         name = f"{split}_{i:05d}.png"
         draw_shape(shape, colour, (w, h) if rng.random() < 0.5 else (h, w), rng).save(root / "images" / name)
-        qas = [
-            ("What colour is the shape?", colour, "open"),
-            (f"Is there a {probe} shape in the image?", "yes" if colour == probe else "no", "closed"),
-        ]
+        qas = [("What colour is the shape?", colour, "open")]
+        if colour == probe or rng.random() < ask_absent:
+            qas.append((f"Is there a {probe} shape in the image?", "yes" if colour == probe else "no", "closed"))
         for k, (q, a, qtype) in enumerate(qas):
             conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
             samples.append({"id": f"{split}-{i}-{k}", "image": name, "conversations": conv, "question_type": qtype, "answer": a})

@@ -24,10 +24,10 @@ from .errors import DataError
 from .evaluate import eval_callbacks
 from .guards import Interrupted, StopOnSignal
 from .lora import enable_checkpointing, param_report, setup_align, setup_instruct
-from .model import load_model, load_processor, resolve_dtype
+from .model import resolve_dtype
 from .plots import plot_run
 from .recipe import Recipe, dump_recipe
-from .runs import prepare_output_dir, RunPaths
+from .runs import RunPaths, prepare_output_dir
 from .trainer import LlavaTrainer, MetricsCallback, read_metrics
 
 log = logging.getLogger("lora_llava")

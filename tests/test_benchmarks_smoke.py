@@ -31,6 +31,9 @@ def test_benchmark_model_is_built_as_qlora_loads_it(tmp_path):
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert four_bit == {n for n in linears if ".language_model.layers." in n} and len(four_bit) == 7 * shape.layers
     assert {p.dtype for p in model.parameters()} == {torch.uint8, torch.bfloat16}
+    language_model = model.model.language_model
+    assert len(language_model.layers) == language_model.config.num_hidden_layers == shape.layers  # every layer runs
+    assert language_model.layers[0].self_attn.config._attn_implementation == "sdpa"
     args = bench.parse_args(["--size", "tiny", "--seq-len", "48"])
     predicted = {p.key: p.bytes for p in weight_parts(shape, bench.bench_recipe(args, tmp_path))}
     llm = sum(

@@ -58,7 +58,9 @@ def test_scripted_session_through_the_cli(predictor, lora_run, shapes):
             "this line is never answered",
         ]
     )
-    result = run_cli("chat", "--model", str(lora_run), "--image", str(_image(shapes, 0)), "--max-new-tokens", "5", input=script + "\n")
+    result = run_cli(
+        "chat", "--model", str(lora_run), "--image", str(_image(shapes, 0)), "--max-new-tokens", "5", input=script + "\n"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
     session = ChatSession(predictor, _image(shapes, 0), SAMPLING)

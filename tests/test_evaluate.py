@@ -229,3 +229,9 @@ def test_generation_eval_during_training_goes_to_metrics(tiny_model, shapes, tmp
     report = evals[0]["eval"][str(shapes / "test.json")]
     assert report["n"] == 4 and set(report) >= {"closed", "open", "exact_match"}
     assert any("eval_loss" in row for row in rows)  # the Trainer's own eval loss is still logged
+
+
+def test_eval_of_a_recipe_that_was_not_trained_says_so(eval_recipe, tmp_path):
+    result = run_cli("eval", str(eval_recipe), f"train.output_dir={tmp_path / 'never'}")
+    assert result.returncode == 2
+    assert f"train.output_dir: {tmp_path / 'never'} holds no finished run" in result.stderr and "Traceback" not in result.stderr

@@ -191,4 +191,6 @@ def test_merged_folder_answers_like_the_run(lora_run, shapes, tmp_path, run_pred
     cli = run_cli(
         "predict", "--model", str(merged), "--image", str(_image(shapes)), "--prompt", prompts[0], "--max-new-tokens", "8"
     )
-    assert cli.returncode == 0 and cli.stdout.rstrip("\n").endswith(run_predictor.predict([_image(shapes)], prompts[0], Sampling(8)))
+    assert cli.returncode == 0 and cli.stdout.rstrip("\n").endswith(
+        run_predictor.predict([_image(shapes)], prompts[0], Sampling(8))
+    )

@@ -240,13 +240,16 @@ def test_estimate_for_medical_runs_offline_and_fits_24gib(tmp_path):
 
 def test_estimate_orders_the_lean_options(tmp_path):
     """Every lean option lowers the estimate; the suggestions are the cheapest that fit."""
-    base = load_recipe(ROOT / "recipes/medical.yaml", ["train.batch_size=1", "train.loss=standard"])
+    base = load_recipe(ROOT / "recipes/medical.yaml", ["train.batch_size=1", "train.loss=standard", "train.optimizer=adamw"])
     shape = model_shape(base.model)
     total = estimate(base, shape).total
 
     def with_(*overrides):
         return estimate(
-            load_recipe(ROOT / "recipes/medical.yaml", ["train.batch_size=1", "train.loss=standard", *overrides]), shape
+            load_recipe(
+                ROOT / "recipes/medical.yaml", ["train.batch_size=1", "train.loss=standard", "train.optimizer=adamw", *overrides]
+            ),
+            shape,
         ).total
 
     assert with_("train.optimizer=adamw_8bit") < total

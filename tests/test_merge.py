@@ -52,29 +52,35 @@ def parity_inputs(lora_run, qlora_run, tmp_path_factory):
     return batches, reference
 
 
-def test_nf4_rebuild_is_bit_exact_with_the_loaded_4bit_layers(qlora_run, tiny_model):
-    """The default merge rebuilds exactly the weights the QLoRA adapter was trained against."""
+@pytest.mark.parametrize("quantization, dtype", [("nf4", "bfloat16"), ("int8", "float32")])
+def test_quantized_base_rebuild_is_bit_exact_with_the_loaded_layers(qlora_run, tiny_model, quantization, dtype):
+    """The default merge rebuilds exactly the weights a QLoRA (or 8-bit) adapter was trained against."""
+    import dataclasses
+
     import bitsandbytes.functional as bnbf
 
     from lora_llava.model import load_model, quantization_config, quantized_module_names, resolve_dtype
     from lora_llava.weights import llm_linear, trained_base_weight
 
-    cfg = load_recipe(qlora_run / "recipe.yaml").model
+    cfg = dataclasses.replace(load_recipe(qlora_run / "recipe.yaml").model, quantization=quantization, dtype=dtype)
     model = load_model(cfg)
     modules = dict(model.named_modules())
     checkpoint = load_file(str(tiny_model / "model.safetensors"))
     linears = {llm_linear(k): k for k in checkpoint if llm_linear(k)}
     quantized = quantized_module_names(model)
     assert {(int(n.split(".")[3]), n.split(".")[4], n.split(".")[5]) for n in quantized} == set(linears)
-    dtype = resolve_dtype(cfg.dtype)
+    compute = resolve_dtype(cfg.dtype)
     for name in quantized:
         w = modules[name].weight
-        loaded = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        if quantization == "nf4":
+            loaded = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        else:
+            loaded = bnbf.int8_vectorwise_dequant(w.data, w.SCB).float()
         layer, block, linear = name.split(".")[3:6]
-        rebuilt = trained_base_weight(
-            checkpoint[linears[(int(layer), block, linear)]], "nf4", dtype, quantization_config(cfg, dtype)
-        )
+        original = checkpoint[linears[(int(layer), block, linear)]]
+        rebuilt = trained_base_weight(original, quantization, compute, quantization_config(cfg, compute))
         assert torch.equal(rebuilt, loaded), name
+        assert not torch.equal(rebuilt, original)
 
 
 def test_merged_weights_are_base_plus_lora_delta_and_trained_projector(merged, lora_run, qlora_run, tiny_model, tmp_path):
@@ -86,16 +92,18 @@ def test_merged_weights_are_base_plus_lora_delta_and_trained_projector(merged, l
     adapter_key = "base_model.model.model.language_model.layers.1.mlp.down_proj.lora_{}.weight"
     original = lora_llava.merge(qlora_run, tmp_path / "original", merge_into="original", check=False)
     assert original.mode == "original" and original.parity is None
+    nf4 = quantization_config(load_recipe(qlora_run / "recipe.yaml").model, torch.bfloat16)
+
+    def as_trained_in_nf4(w):
+        return trained_base_weight(w, "nf4", torch.bfloat16, nf4)
+
+    def original_weight(w):
+        return w.float()
+
     for run, folder, build in (
-        (lora_run, merged["lora"][0], lambda w: w.float()),
-        (
-            qlora_run,
-            merged["qlora"][0],
-            lambda w: trained_base_weight(
-                w, "nf4", torch.bfloat16, quantization_config(load_recipe(qlora_run / "recipe.yaml").model, torch.bfloat16)
-            ),
-        ),
-        (qlora_run, tmp_path / "original", lambda w: w.float()),
+        (lora_run, merged["lora"][0], original_weight),
+        (qlora_run, merged["qlora"][0], as_trained_in_nf4),
+        (qlora_run, tmp_path / "original", original_weight),
     ):
         adapter = load_file(str(run / "adapter_model.safetensors"))
         out = _tensors(folder)
@@ -330,6 +338,20 @@ def test_sharded_output_and_checkpoint_folder(merged, lora_run, tmp_path):
     single = _tensors(merged["lora"][0])
     sharded = _tensors(tmp_path / "sharded")
     assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_bare_adapter_folder_merges_with_generated_parity_samples(lora_run, merged, tmp_path):
+    """A PEFT adapter alone (no recipe, no processor): base from adapter_config, samples generated."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(lora_run / name, adapter / name)
+    report = lora_llava.merge(adapter, tmp_path / "out", dtype="float32")
+    assert report.parity.source == "generated samples" and report.parity.passed and report.parity.max_abs < 1e-4
+    single, bare = _tensors(merged["lora"][0]), _tensors(tmp_path / "out")
+    assert all(torch.equal(single[k], bare[k]) for k in single)
 
 
 def test_existing_target_refused_with_exit_2_and_kept(lora_run, tmp_path):

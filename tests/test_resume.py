@@ -27,7 +27,11 @@ def _recipe(tiny_model, shapes, out: Path, **train) -> dict:
 def _fault(where: str, step: int, signame: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, str(KILL_AT), where, str(step), signame, "--", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(KILL_AT), where, str(step), signame, "--", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -57,7 +61,9 @@ def reference(tmp_path_factory, tiny_model, shapes) -> Path:
 
 
 @pytest.mark.parametrize("where, step, resumed_from", [("step", 5, 4), ("save", 4, 2)])
-def test_sigkill_then_same_command_resumes_to_the_same_adapter(reference, tiny_model, shapes, tmp_path, where, step, resumed_from):
+def test_sigkill_then_same_command_resumes_to_the_same_adapter(
+    reference, tiny_model, shapes, tmp_path, where, step, resumed_from
+):
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", _recipe(tiny_model, shapes, out))
     killed = _fault(where, step, "SIGKILL", "train", str(recipe))

@@ -67,17 +67,19 @@ def test_qlora_parameters_change_exactly_where_they_should(tiny_model, shapes, t
     """Under QLoRA: LoRA and projector change; CLIP, lm_head, embeddings and base LLM weights do not."""
     import bitsandbytes as bnb
 
+    from lora_llava.data.dataset import collate
     from lora_llava.lora import setup_instruct
-    from lora_llava.model import load_model, quantized_module_names
+    from lora_llava.model import quantized_module_names
     from lora_llava.recipe import load_recipe
     from lora_llava.train import build_dataset, load_for_training, training_arguments
-    from lora_llava.data.dataset import collate
 
     recipe = load_recipe(ROOT / "recipes/medical.yaml", _medical_overrides(tiny_model, shapes, tmp_path / "run"))
     model, processor = load_for_training(recipe)
     quantized = quantized_module_names(model)
     expected = {
-        n for n, m in model.named_modules() if n.startswith("model.language_model.layers.") and n.rsplit(".", 1)[-1] in LLM_LINEARS
+        n
+        for n, m in model.named_modules()
+        if n.startswith("model.language_model.layers.") and n.rsplit(".", 1)[-1] in LLM_LINEARS
     }
     assert quantized == expected  # the 4-bit layers are exactly the LLM's linear layers
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -120,7 +122,9 @@ def test_two_learning_rates_are_separate_parameter_groups(tiny_model, shapes, tm
     from lora_llava.recipe import parse_recipe
     from lora_llava.train import load_for_training
 
-    recipe = parse_recipe(recipe_dict(tiny_model, shapes, tmp_path / "r", projector={"learning_rate": 2e-5}, train={"learning_rate": 2e-4}))
+    recipe = parse_recipe(
+        recipe_dict(tiny_model, shapes, tmp_path / "r", projector={"learning_rate": 2e-5}, train={"learning_rate": 2e-4})
+    )
     model, _ = load_for_training(recipe)
     groups = {g["name"]: g for g in param_groups(setup_instruct(model, recipe), recipe)}
     assert groups["lora"]["lr"] == 2e-4 and groups["projector"]["lr"] == 2e-5
