@@ -109,9 +109,7 @@ def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckRe
     for split, specs in (("train", d.train), ("eval", d.eval)):
         if not specs:
             continue
-        ds = LlavaDataset(
-            specs, processor, recipe.template, d.max_length, d.image_aspect, d.system_prompt, d.allow_absolute_paths, t.seed
-        )
+        ds = LlavaDataset.for_recipe(recipe, processor, specs)
         exam = examine(ds, workers)
         good, truncated = exam.lengths, truncated + exam.truncated
         found = [(k, e) for k, src in enumerate(ds.sources) for e in src.bad] + exam.bad

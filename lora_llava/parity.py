@@ -66,17 +66,7 @@ class ParityReport:
 
 def _encode_first(specs: tuple[DatasetSpec, ...], recipe: Recipe, processor, n: int) -> list[dict]:
     """The first `n` samples of `specs` that encode, as single-sample batches."""
-    d = recipe.data
-    ds = LlavaDataset(
-        specs,
-        processor,
-        template=recipe.template,
-        max_length=d.max_length,
-        image_aspect=d.image_aspect,
-        system_prompt=d.system_prompt,
-        allow_absolute_paths=d.allow_absolute_paths,
-        seed=recipe.train.seed,
-    )
+    ds = LlavaDataset.for_recipe(recipe, processor, specs)
     batches = []
     for i in range(min(len(ds), 20 * n)):
         try:

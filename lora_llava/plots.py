@@ -33,9 +33,9 @@ def plot_run(metrics: list[dict], path: Path, title: str = "", evals: dict[str, 
             ax2.bar(xs, [values.get(n, 0.0) for n in names], width=width, label=label)
         ax2.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(names))])
         ax2.set_xticklabels(names, rotation=20, ha="right")
-        ax2.set_ylim(0, 1)
+        ax2.set_ylim(0, 1.15)  # headroom above 1.0 for the legend
         ax2.set_title("evaluation")
-        ax2.legend()
+        ax2.legend(loc="upper center", ncol=len(evals), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

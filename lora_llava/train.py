@@ -36,16 +36,7 @@ log = logging.getLogger("lora_llava")
 def build_dataset(recipe: Recipe, processor, specs=None) -> LlavaDataset:
     """The recipe's training mixture (or `specs`), its index validated; bad samples per `data.on_bad_sample`."""
     d = recipe.data
-    ds = LlavaDataset(
-        specs if specs is not None else d.train,
-        processor,
-        template=recipe.template,
-        max_length=d.max_length,
-        image_aspect=d.image_aspect,
-        system_prompt=d.system_prompt,
-        allow_absolute_paths=d.allow_absolute_paths,
-        seed=recipe.train.seed,
-    )
+    ds = LlavaDataset.for_recipe(recipe, processor, specs)
     if d.validate == "full":
         validate(ds, d.num_workers)  # unreadable images and samples that cannot fit, found before any step
     report = ds.scan()  # bad samples are already left out of ds; decide whether that is acceptable

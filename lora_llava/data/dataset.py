@@ -115,6 +115,21 @@ def mixture_indices(good: np.ndarray, spec: DatasetSpec, rng: random.Random) -> 
 class LlavaDataset(torch.utils.data.Dataset):
     """Samples of one or more datasets, encoded for LlavaForConditionalGeneration."""
 
+    @classmethod
+    def for_recipe(cls, recipe, processor, specs: tuple[DatasetSpec, ...] | None = None) -> LlavaDataset:
+        """The recipe's training mixture (or `specs`) with the recipe's template, lengths and image settings."""
+        d = recipe.data
+        return cls(
+            d.train if specs is None else specs,
+            processor,
+            template=recipe.template,
+            max_length=d.max_length,
+            image_aspect=d.image_aspect,
+            system_prompt=d.system_prompt,
+            allow_absolute_paths=d.allow_absolute_paths,
+            seed=recipe.train.seed,
+        )
+
     def __init__(
         self,
         specs: tuple[DatasetSpec, ...],
