@@ -225,19 +225,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         words = np.maximum(self._words(), 1)
         return np.where(self._images() > 0, words, -words).tolist()
 
-    def _words(self) -> np.ndarray:
+    def _per_sample(self, column: str) -> np.ndarray:
+        """A per-record column of the sources (`words`, `images`), in mixture order."""
         out = np.zeros(len(self), dtype=np.int64)
         for k, src in enumerate(self.sources):
             mask = self._source == k
-            out[mask] = src.words[self._record[mask]]
+            out[mask] = getattr(src, column)[self._record[mask]]
         return out
 
+    def _words(self) -> np.ndarray:
+        return self._per_sample("words")
+
     def _images(self) -> np.ndarray:
-        out = np.zeros(len(self), dtype=np.int64)
-        for k, src in enumerate(self.sources):
-            mask = self._source == k
-            out[mask] = src.images[self._record[mask]]
-        return out
+        return self._per_sample("images")
 
     def token_length_estimates(self, probe: int = 256, seed: int = 0) -> list[int]:
         """Token lengths from word counts, the tokens-per-word fit measured on `probe` random samples."""
