@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(workdir: Path) -> None:
     """The model folder and the generated data, built once and shared by the three runs."""
-    from lora_llava.synthetic import make_shapes_dataset
-    from lora_llava.tiny import make_tiny
+    from lora_llava.data.synthetic import make_shapes_dataset
+    from lora_llava.model.tiny import make_tiny
 
     if not (workdir / "model" / "config.json").is_file():
         make_tiny(workdir / "model", image_size=112, text_hidden=256, vision_hidden=64, layers=4)
@@ -71,7 +71,7 @@ def prepare(workdir: Path) -> None:
 
 
 def bench_recipe(workdir: Path, args, out: Path):
-    from lora_llava.recipe import parse_recipe
+    from lora_llava.recipe.parse import parse_recipe
 
     return parse_recipe(
         {
@@ -91,8 +91,8 @@ def plain_trainer(model, ds, recipe, out: Path, collate_fn, callbacks):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer
 
-    from lora_llava.lora import PROJECTOR, lora_target_regex
-    from lora_llava.train import training_arguments
+    from lora_llava.training.lora import PROJECTOR, lora_target_regex
+    from lora_llava.training.run import training_arguments
 
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,7 +110,7 @@ def encoded_dataset(recipe, processor):
     """lora-llava's encoding of the samples, as a `datasets.Dataset` (TRL accepts no other), in torch format."""
     import datasets
 
-    from lora_llava.train import build_dataset
+    from lora_llava.data.build import build_dataset
 
     ds = build_dataset(recipe, processor)
     rows = [ds[i] for i in range(len(ds))]
@@ -127,7 +127,7 @@ def run_one(name: str, args) -> dict:
     from transformers import LlavaForConditionalGeneration
 
     from lora_llava.data.dataset import collate
-    from lora_llava.model import load_processor
+    from lora_llava.model.load import load_processor
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_llava.memory import BUILTIN_SHAPES, GiB, ModelShape, estimate  # noqa: E402
+from lora_llava.memory.shapes import BUILTIN_SHAPES, GiB, ModelShape
+from lora_llava.memory.estimate import estimate
 
 SIZES = {
     "13b": BUILTIN_SHAPES["llava-hf/llava-1.5-13b-hf"],
@@ -167,7 +168,7 @@ def synthetic_dataset(n: int, seq_len: int, shape: ModelShape, image_token: int,
 
 
 def bench_recipe(args, out: Path):
-    from lora_llava.recipe import load_recipe
+    from lora_llava.recipe.parse import load_recipe
 
     return load_recipe(
         ROOT / "recipes/medical.yaml",
@@ -212,9 +213,9 @@ def _sync() -> None:
 
 def lora_llava_trainer(model, ds, recipe, out: Path, collate_fn, callbacks):
     """lora-llava's path: checkpointing, LoRA + projector setup, its TrainingArguments and LlavaTrainer (chunked loss)."""
-    from lora_llava.lora import enable_checkpointing, setup_instruct
-    from lora_llava.train import training_arguments
-    from lora_llava.trainer import LlavaTrainer
+    from lora_llava.training.lora import enable_checkpointing, setup_instruct
+    from lora_llava.training.run import training_arguments
+    from lora_llava.training.trainer import LlavaTrainer
 
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
@@ -228,7 +229,7 @@ def trl_trainer(model, ds, recipe, out: Path, collate_fn, callbacks, processor):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lora_llava.lora import PROJECTOR, lora_target_regex
+    from lora_llava.training.lora import PROJECTOR, lora_target_regex
 
     t = recipe.train
     optim = TRL_OPTIM[t.optimizer] + ("_fused" if t.optimizer == "adamw" and torch.cuda.is_available() else "")
@@ -273,7 +274,8 @@ def model_flops_per_step(shape: ModelShape, recipe, supervised: int) -> float:
 def run_one(name: str, args) -> dict:
     """Build the model, train `args.steps` steps with one trainer, measure."""
     from lora_llava.data.dataset import collate
-    from lora_llava.tiny import build_processor, build_tokenizer
+    from lora_llava.model.processor import build_processor
+    from lora_llava.model.tiny import build_tokenizer
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -78,7 +78,7 @@ def random_tensor(spec, generator) -> torch.Tensor:
 
 
 def write_streamed(folder: Path, specs: list, max_bytes: int, generator) -> None:
-    from lora_llava.shards import ShardWriter, plan_shards, shard_names, write_index
+    from lora_llava.merging.shards import ShardWriter, plan_shards, shard_names, write_index
 
     shards = plan_shards(specs, max_bytes)
     names = shard_names(len(shards))
@@ -94,8 +94,9 @@ def build_base(folder: Path, size: str) -> int:
     from transformers import GenerationConfig, LlavaForConditionalGeneration
     from transformers.core_model_loading import revert_weight_conversion
 
-    from lora_llava.shards import TensorSpec
-    from lora_llava.tiny import build_processor, build_tokenizer
+    from lora_llava.merging.shards import TensorSpec
+    from lora_llava.model.processor import build_processor
+    from lora_llava.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = llava_config(size, tokenizer)
@@ -117,10 +118,11 @@ def build_run(run: Path, base: Path, size: str) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from transformers import AutoProcessor
 
-    from lora_llava.lora import PROJECTOR, lora_target_regex
-    from lora_llava.recipe import LLM_LINEAR_LAYERS, dump_recipe, parse_recipe
-    from lora_llava.shards import ShardWriter, TensorSpec
-    from lora_llava.synthetic import make_shapes_dataset
+    from lora_llava.training.lora import PROJECTOR, lora_target_regex
+    from lora_llava.recipe.schema import LLM_LINEAR_LAYERS
+    from lora_llava.recipe.parse import dump_recipe, parse_recipe
+    from lora_llava.merging.shards import ShardWriter, TensorSpec
+    from lora_llava.data.synthetic import make_shapes_dataset
 
     d = SIZES[size]
     head = d["hidden"] // d["heads"]

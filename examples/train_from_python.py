@@ -6,7 +6,7 @@ python examples/train_from_python.py
 from pathlib import Path
 
 import lora_llava
-from lora_llava.synthetic import make_shapes_dataset
+from lora_llava.data.synthetic import make_shapes_dataset
 
 work = Path("runs/example")
 model = lora_llava.make_tiny(work / "tiny-llava", image_size=56) if not (work / "tiny-llava").exists() else work / "tiny-llava"

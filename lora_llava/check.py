@@ -12,7 +12,6 @@ when the share of bad samples exceeds `data.max_bad_fraction`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -20,7 +19,8 @@ from .data.batching import epoch_order, padding_fraction
 from .data.dataset import LlavaDataset
 from .data.formats import SampleError
 from .data.validate import examine
-from .recipe import ModelConfig, Recipe
+from .model.build import load_check_processor
+from .recipe.schema import Recipe
 
 SHOWN_PER_KIND = 5
 
@@ -102,7 +102,7 @@ class CheckReport:
 
 def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckReport:
     """Validate every sample of the recipe's datasets (see the module doc); no model weights are loaded."""
-    processor = processor if processor is not None else load_check_processor(recipe.model, recipe.train.seed)
+    processor = processor if processor is not None else load_check_processor(recipe.model)
     d, t = recipe.data, recipe.train
     workers = d.num_workers if workers is None else workers
     counts, bad_all, truncated, lengths, padding = [], [], 0, [], None
@@ -137,27 +137,7 @@ def _padding(ds: LlavaDataset, good: dict[tuple[int, int], int], recipe: Recipe)
     modality = ds.modality_lengths()
     tokens = [good[keys[j]] for j in keep]
     t = recipe.train
-    order = epoch_order([modality[j] for j in keep], recipe.group_by_modality_length, t.batch_size * t.grad_accum, t.seed)
+    order = epoch_order([modality[j] for j in keep], recipe.group_by_modality_length, t.global_batch(), t.seed)
     return padding_fraction(tokens, order, t.batch_size)
 
 
-def load_check_processor(cfg: ModelConfig, seed: int = 0):
-    """The processor training would use, read without any model weights."""
-    from .model import load_processor
-
-    if cfg.name_or_path:
-        return load_processor(cfg.name_or_path, cfg.trust_remote_code, cfg.revision)
-    # A composed model: the LLM's tokenizer extended as composing extends it, and the tower's image settings.
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .compose import add_llava_tokens, llava_processor
-    from .errors import ModelError
-    from .model import check_source
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(check_source(cfg.language_model, "model.language_model"))
-        vision = AutoConfig.from_pretrained(check_source(cfg.vision_tower, "model.vision_tower"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model: cannot read the tokenizer or vision config ({str(e).strip().splitlines()[0]})") from None
-    add_llava_tokens(tokenizer)
-    return llava_processor(tokenizer, SimpleNamespace(vision_config=getattr(vision, "vision_config", vision)))

@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from .errors import LoraLlavaError
-from .evaluate import evaluate_model, format_report, headline
-from .inference import Sampling, load_predictor
-from .recipe import Recipe, load_recipe
+from .evaluate.generate import Sampling, load_predictor
+from .evaluate.metrics import format_report, headline
+from .evaluate.run import evaluate_model
+from .recipe.parse import load_recipe
+from .recipe.schema import Recipe
 
 # The tiny model: 56 px images (16 image tokens) keep each step fast; a 128-wide LLaMA has
 # room enough in its frozen random output layer for confident answers.
@@ -52,8 +54,8 @@ def find_demo_recipe() -> Path:
 
 def prepare(model: Path, data: Path, seed: int) -> None:
     """The tiny model and the shapes data, made unless already there (a second demo reuses them)."""
-    from .synthetic import make_demo_dataset
-    from .tiny import make_tiny
+    from .data.synthetic import make_demo_dataset
+    from .model.tiny import make_tiny
 
     if not (model / "config.json").is_file():
         make_tiny(model, seed=seed, **TINY)
@@ -115,10 +117,10 @@ def _one_cpu_thread():
 
 
 def _run(workdir: Path, recipe_path, overrides: list[str], overwrite: bool, seed: int, say: Callable[[str], None]) -> DemoResult:
-    from .plots import plot_run
-    from .runs import prepare_output_dir
-    from .train import train
-    from .trainer import read_metrics
+    from .runs import read_metrics
+    from .training.plots import plot_run
+    from .training.resume import prepare_output_dir
+    from .training.run import train
 
     model, data = workdir / "tiny-llava", workdir / "data"
     recipe = load_recipe(

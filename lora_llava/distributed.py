@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraLlavaError
-from .recipe import Recipe
+from .recipe.schema import Recipe
 
 DUMP_ENV = "LORA_LLAVA_DEBUG_DUMP_RANK_STATE"
 

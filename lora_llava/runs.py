@@ -1,37 +1,21 @@
-"""Run folders: what lives where, whether a folder may be used, and which checkpoint to resume.
+"""Run folders: what lives where, whether a run or a checkpoint is complete, and the metrics log.
 
-A run folder belongs to one recipe (its `recipe.yaml`). Starting again with
-the same recipe resumes from the newest complete `checkpoint-<step>`; a
-different recipe, or a folder that is not a run, is refused unless
-`--overwrite`, so nothing that was there is lost by accident.
+Training writes a run folder; inference, eval, merge and multi-stage training
+read it. They all ask this module where things are and whether the run is
+finished, so the answer is the same everywhere.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .errors import OutputError
-from .recipe import Recipe, dump_recipe, recipe_to_dict
-
-# Keys that may change between a run and its resumption without changing what is trained.
-RESUME_FREE_KEYS = {
-    "train.output_dir",
-    "train.logging_steps",
-    "train.save_steps",
-    "train.save_total_limit",
-    "train.eval_steps",
-    "data.num_workers",
-    "data.eval",
-    "train.loss",  # chunked and standard cross-entropy compute the same loss
-}
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
+FINAL_STAGING = ".staging-final"  # the final adapter is written here, then moved into the run folder
 
 
 @dataclass(frozen=True)
@@ -58,112 +42,63 @@ class RunPaths:
     def model_dir(self) -> Path:
         return self.root / "model"
 
+    @property
+    def adapter_config(self) -> Path:
+        return self.root / "adapter_config.json"
 
-def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (they hold trainer_state.json, written last), oldest first."""
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = CHECKPOINT.match(p.name)
-            if m and p.is_dir() and (p / "trainer_state.json").is_file():
-                found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    @property
+    def adapter_weights(self) -> Path:
+        return self.root / "adapter_model.safetensors"
 
+    def has_adapter(self) -> bool:
+        """A PEFT adapter is here: a finished stage-2 run, one of its checkpoints, or an adapter folder."""
+        return self.adapter_config.is_file()
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    def is_finished(self, stage: str | None = None) -> bool:
+        """The run's final outputs are in place: the adapter (stage instruct) or the projector (stage align).
 
+        The final save moves weights in before configs, so an adapter config means its weights are there.
+        """
+        adapter = self.adapter_weights.is_file() and self.adapter_config.is_file()
+        if stage == "instruct":
+            return adapter
+        if stage == "align":
+            return self.projector.is_file()
+        return adapter or self.projector.is_file()
 
-def changed_keys(old: dict, new: dict) -> list[str]:
-    """Training-relevant keys whose values differ between two resolved recipes."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
-
-
-def prepare_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str | bool | None, create: bool) -> Path | None:
-    """Check that `out` may be used; with `create`, make it and record the recipe. Returns the checkpoint to resume."""
-    paths = RunPaths(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"train.output_dir: {out} exists and is not a folder")
-    ancestor = next(p for p in (out, *out.parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise OutputError(f"train.output_dir: cannot write {out} ({ancestor} is not a writable folder)")
-    used = out.is_dir() and any(out.iterdir())
-    if used and overwrite:
-        if create:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        used = False
-    checkpoint = None
-    if used:
-        if not paths.recipe.is_file():
-            raise OutputError(f"train.output_dir: {out} is not empty and holds no lora-llava run (use --overwrite to replace it)")
-        old = yaml.safe_load(paths.recipe.read_text(encoding="utf-8")) or {}
-        diff = changed_keys(old, recipe_to_dict(recipe))
-        if diff:
-            raise OutputError(
-                f"train.output_dir: {out} holds a run of a different recipe (changed: {', '.join(diff)}); "
-                "use another output_dir, or --overwrite to replace it"
-            )
-        found = checkpoints(out)
-        finished = (out / "adapter_model.safetensors").is_file() or paths.projector.is_file()
-        if finished and not isinstance(resume, str):
-            raise OutputError(f"train.output_dir: {out} holds a finished run of this recipe; use --overwrite to train it again")
-        if isinstance(resume, str):
-            checkpoint = Path(resume)
-            if not (checkpoint / "trainer_state.json").is_file():
-                raise OutputError(f"--resume: {resume} is not a complete checkpoint")
-        elif resume is False and found:
-            raise OutputError(f"train.output_dir: {out} has checkpoints and --no-resume was given; use --overwrite to start over")
-        elif found:
-            checkpoint = found[-1]
-    elif isinstance(resume, str):
-        raise OutputError(f"--resume: {resume} is not a complete checkpoint")
-    if create:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"train.output_dir: cannot create {out} ({e.strerror})") from None
-        clean_incomplete(out)
-        truncate_metrics(paths.metrics, _step_of(checkpoint) if checkpoint is not None else 0)
-        dump_recipe(recipe, paths.recipe)
-    return checkpoint
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (see `is_complete_checkpoint`)."""
+        found = []
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                m = CHECKPOINT.match(p.name)
+                if m and is_complete_checkpoint(p):
+                    found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
 
 
-def _step_of(checkpoint: Path) -> int:
-    m = CHECKPOINT.match(checkpoint.name)
-    if m:
-        return int(m.group(1))
-    import json
-
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder whose save finished: it holds trainer_state.json, which the Trainer writes last."""
+    return folder.is_dir() and (folder / "trainer_state.json").is_file()
 
 
-def clean_incomplete(out: Path) -> None:
-    """Remove what a killed save left: the staging folder, checkpoint folders without their state."""
-    shutil.rmtree(out / STAGING, ignore_errors=True)
-    shutil.rmtree(out / ".staging-final", ignore_errors=True)
-    for p in out.iterdir():
-        if CHECKPOINT.match(p.name) and p.is_dir() and not (p / "trainer_state.json").is_file():
-            shutil.rmtree(p, ignore_errors=True)
+def append_metrics(path: Path, row: dict) -> None:
+    """One JSON line in the run's metrics log; non-finite numbers are written as null (JSON has no NaN)."""
+    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from: they are about to be logged again."""
-    import json
-
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics log; a line a kill left half-written is passed over, never fatal."""
     if not path.is_file():
-        return
-    keep = [
-        line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

@@ -10,7 +10,8 @@ import sys
 
 import bitsandbytes as bnb
 import torch
-from conftest import ROOT
+
+from tests.helpers import ROOT
 
 
 def _bench_module():
@@ -22,7 +23,7 @@ def _bench_module():
 
 def test_benchmark_model_is_built_as_qlora_loads_it(tmp_path):
     """NF4 exactly on the language model's linear layers, bf16 elsewhere, the bytes `estimate` predicts."""
-    from lora_llava.memory import weight_parts
+    from lora_llava.memory.estimate import weight_parts
 
     bench = _bench_module()
     shape = bench.SIZES["tiny"]

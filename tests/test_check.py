@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import recipe_dict, run_cli, write_recipe
 from PIL import Image
 
 from lora_llava.data import formats as F
+from tests.helpers import recipe_dict, run_cli, write_recipe
 
 DEFECTS = {
     "no-image": (F.MISSING_IMAGE, {"image": "gone.png", "conversations": "ok"}),
@@ -117,8 +117,8 @@ def test_a_bad_recipe_is_exit_2_in_one_line(tmp_path, tiny_model):
 def test_check_a_composed_model_reads_no_weights(tmp_path, shapes):
     """A recipe composing CLIP + an LLM: the processor comes from the tokenizer and the tower's config only."""
     from lora_llava.check import check
-    from lora_llava.recipe import parse_recipe
-    from lora_llava.tiny import make_tiny_parts
+    from lora_llava.model.tiny import make_tiny_parts
+    from lora_llava.recipe.parse import parse_recipe
 
     clip, llm = make_tiny_parts(tmp_path / "parts", image_size=56)
     for weights in [*clip.glob("*.safetensors"), *llm.glob("*.safetensors")]:

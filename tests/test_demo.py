@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
 
 from lora_llava.errors import OutputError
+from tests.helpers import run_cli
 
 CHANCE = 0.5
 

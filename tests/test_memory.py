@@ -14,10 +14,12 @@ import re
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import ROOT, recipe_dict, run_cli
 
-from lora_llava.memory import GiB, adam_state_bytes, cheapest_fit, estimate, layer_activation_bytes, model_shape, weight_parts
-from lora_llava.recipe import load_recipe, parse_recipe
+from lora_llava.memory.estimate import adam_state_bytes, estimate, layer_activation_bytes, weight_parts
+from lora_llava.memory.fit import cheapest_fit
+from lora_llava.memory.shapes import GiB, model_shape
+from lora_llava.recipe.parse import load_recipe, parse_recipe
+from tests.helpers import ROOT, recipe_dict, run_cli
 
 LLM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -28,8 +30,8 @@ def _recipe(tiny_model, shapes, tmp_path, quantized: bool, **sections):
 
 
 def _setup(recipe):
-    from lora_llava.lora import setup_instruct
-    from lora_llava.model import load_model
+    from lora_llava.model.load import load_model
+    from lora_llava.training.lora import setup_instruct
 
     torch.manual_seed(0)
     return setup_instruct(load_model(recipe.model), recipe)
@@ -97,10 +99,11 @@ def test_lean_qlora_matches_peft_kbit_preparation(tiny_model, shapes, tmp_path):
     """The same loss and gradients as peft's prepare_model_for_kbit_training (fp32 frozen parts), in less memory."""
     from peft import prepare_model_for_kbit_training
 
+    from lora_llava.data.build import build_dataset
     from lora_llava.data.dataset import collate
-    from lora_llava.lora import setup_instruct
-    from lora_llava.model import load_model
-    from lora_llava.train import build_dataset, load_for_training
+    from lora_llava.model.build import load_for_training
+    from lora_llava.model.load import load_model
+    from lora_llava.training.lora import setup_instruct
 
     recipe = _recipe(tiny_model, shapes, tmp_path, quantized=True)
     _, processor = load_for_training(recipe)
@@ -133,10 +136,11 @@ def test_lean_qlora_matches_peft_kbit_preparation(tiny_model, shapes, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"])
 def test_optimizers_train_on_cpu_and_their_states_have_the_predicted_size(tiny_model, shapes, tmp_path, optimizer):
+    from lora_llava.data.build import build_dataset
     from lora_llava.data.dataset import collate
-    from lora_llava.lora import param_groups
-    from lora_llava.train import build_dataset, load_for_training
-    from lora_llava.trainer import build_optimizer
+    from lora_llava.model.build import load_for_training
+    from lora_llava.training.lora import param_groups
+    from lora_llava.training.trainer import build_optimizer
 
     recipe = _recipe(tiny_model, shapes, tmp_path, quantized=False, train={"optimizer": optimizer})
     model = _setup(recipe)
@@ -289,8 +293,8 @@ def test_estimate_composes_the_shape_of_two_parts(tmp_path):
     """CLIP-L/336 + a 7B LLaMA config compose to llava-1.5-7b's shape (two tokens added, vocabulary padded to 64)."""
     import json
 
-    from lora_llava.memory import BUILTIN_SHAPES
-    from lora_llava.recipe import ModelConfig
+    from lora_llava.memory.shapes import BUILTIN_SHAPES
+    from lora_llava.recipe.schema import ModelConfig
 
     clip = {
         "hidden_size": 1024,

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-VERBS = ("train", "make_tiny", "convert", "check", "merge", "estimate", "predict", "chat", "eval", "demo")
+VERBS = ("train", "recipe", "check", "estimate", "merge", "predict", "chat", "eval", "demo", "make_tiny", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .. import distributed
-    from ..errors import LoraLlavaError
+    from ..errors import LoraLlavaError, describe
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, or an environment problem: one line unless --debug
         if debug:
             raise
-        line = f"lora-llava {args.verb}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)"
+        line = f"lora-llava {args.verb}: internal error: {describe(e)} (run again with --debug for the traceback)"
         print(distributed.name_rank(line), file=sys.stderr)
         return 1
     finally:

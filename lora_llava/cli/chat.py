@@ -24,7 +24,7 @@ def register(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..inference import ChatSession
+    from ..evaluate.generate import ChatSession
 
     session = ChatSession(load(args), args.image, sampling(args))
     return repl(session, sys.stdin, sys.stdout, sys.stderr)

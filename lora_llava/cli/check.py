@@ -24,7 +24,7 @@ def run(args) -> int:
 
     from ..check import check
     from ..errors import OutputError, RecipeError
-    from ..recipe import load_recipe
+    from ..recipe.parse import load_recipe
     from .train import split_items
 
     recipes, overrides = split_items(args.items)

@@ -22,7 +22,7 @@ def register(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..convert import convert_checkpoint
+    from ..model.convert import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype, overwrite=args.overwrite)
     print(f"converted: {out}")

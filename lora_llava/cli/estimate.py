@@ -68,8 +68,10 @@ def report(est, recipe, shape) -> list[str]:
 
 def run(args) -> int:
     from ..errors import RecipeError
-    from ..memory import cheapest_fit, estimate, model_shape
-    from ..recipe import load_recipe
+    from ..memory.estimate import estimate
+    from ..memory.fit import cheapest_fit
+    from ..memory.shapes import model_shape
+    from ..recipe.parse import load_recipe
     from .train import split_items
 
     recipes, overrides = split_items(args.items)

@@ -6,6 +6,8 @@ dataset; per-question rows and the metrics go to `<output_dir>/eval/`.
 
 from __future__ import annotations
 
+from ..evaluate.sampling import GENERATION_BATCH
+from .args import positive_int
 from .predict import add_model_args, add_sampling_args, load, sampling
 
 
@@ -24,7 +26,7 @@ def register(sub, common) -> None:
         help="recipe: folder for predictions.jsonl + metrics.json (default <output_dir>/eval); --data: a .jsonl file",
     )
     p.add_argument(
-        "--batch-size", type=int, default=8, help="with --data: prompts generated together (a recipe uses train.batch_size)"
+        "--batch-size", type=positive_int, default=GENERATION_BATCH, help="with --data: prompts generated together (a recipe uses train.batch_size)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace earlier results at the output path")
     add_sampling_args(p)
@@ -33,7 +35,8 @@ def register(sub, common) -> None:
 
 def run(args) -> int:
     from ..errors import LoraLlavaError
-    from ..evaluate import evaluate_model, evaluate_recipe, format_report
+    from ..evaluate.metrics import format_report
+    from ..evaluate.run import evaluate_model, evaluate_recipe
     from .train import split_items
 
     recipes, overrides = split_items(args.items)
@@ -42,7 +45,7 @@ def run(args) -> int:
     if recipes:
         if args.data:
             raise LoraLlavaError("--data: the recipe's data.eval is evaluated; give either a recipe or --data")
-        from ..recipe import load_recipe
+        from ..recipe.parse import load_recipe
 
         recipe = load_recipe(recipes[0], overrides)
         model = load(args) if args.model else None

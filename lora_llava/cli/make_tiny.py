@@ -24,7 +24,7 @@ def register(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..tiny import make_tiny, make_tiny_original, make_tiny_parts
+    from ..model.tiny import make_tiny, make_tiny_original, make_tiny_parts
 
     sizes = dict(image_size=args.image_size, patch_size=args.patch_size, seed=args.seed)
     if args.parts:

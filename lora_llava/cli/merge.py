@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ..merging.options import MAX_SHARD_SIZE, MERGE_MODES, OUTPUT_DTYPES, PARITY_SAMPLES
+from .args import positive_float, positive_int
+
 
 def register(sub, common) -> None:
     p = sub.add_parser(
@@ -17,27 +20,29 @@ def register(sub, common) -> None:
     p.add_argument("--base", help="base model folder or hub id (default: the run's recipe)")
     p.add_argument(
         "--merge-into",
-        choices=("trained", "original"),
-        default="trained",
+        choices=MERGE_MODES,
+        default=MERGE_MODES[0],
         help="trained: the weights the adapter was trained against (after QLoRA: the dequantized NF4 weights; default); "
         "original: the base checkpoint's 16-bit weights",
     )
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="dtype of the merged weights (default: the run's)")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, help="dtype of the merged weights (default: the run's)")
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=positive_float,
         help="max |delta logit| the parity check accepts (default: a share of the largest |logit|, per mode)",
     )
-    p.add_argument("--samples", type=int, default=4, help="samples the parity check runs (default 4)")
+    p.add_argument(
+        "--samples", type=positive_int, default=PARITY_SAMPLES, help=f"samples the parity check runs (default {PARITY_SAMPLES})"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help=f"largest safetensors shard (default {MAX_SHARD_SIZE})")
     p.add_argument("--recipe", help="the run's recipe, for an adapter folder that has none beside it")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..merge import merge
+    from ..merging.run import merge
 
     report = merge(
         args.run_dir,

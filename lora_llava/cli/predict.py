@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from ..evaluate.sampling import GENERATION_BATCH, Sampling
+from ..recipe.describe import choices
+from ..recipe.schema import ModelConfig
+from .args import positive_int
+
+DEFAULTS = Sampling()
+
 
 def add_model_args(p) -> None:
     """--model / --adapter / --template / --dtype / --quantization: shared by predict, chat and eval."""
@@ -12,29 +19,31 @@ def add_model_args(p) -> None:
         default="auto",
         help="prompt template: auto (the run's; vicuna_v1 for plain models, as LLaVA-1.5 evaluates), vicuna_v1, chat_template, plain",
     )
+    p.add_argument("--dtype", choices=choices(ModelConfig, "dtype"), help="plain models only; a run uses its recipe's")
     p.add_argument(
-        "--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="plain models only; a run uses its recipe's"
+        "--quantization", choices=choices(ModelConfig, "quantization"), help="plain models only; a run uses its recipe's"
     )
-    p.add_argument("--quantization", choices=["none", "nf4", "int8"], help="plain models only; a run uses its recipe's")
 
 
-def add_sampling_args(p, max_new_tokens: int = 128) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"answer length limit (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding, as LLaVA-1.5 evaluates")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+def add_sampling_args(p, max_new_tokens: int = DEFAULTS.max_new_tokens) -> None:
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=max_new_tokens, help=f"answer length limit (default {max_new_tokens})"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=DEFAULTS.temperature, help="0 (default): greedy decoding, as LLaVA-1.5 evaluates"
+    )
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="nucleus sampling threshold (with --temperature > 0)")
     p.add_argument("--seed", type=int, help="seed for sampling")
 
 
-def sampling(args):
-    from ..inference import Sampling
-
+def sampling(args) -> Sampling:
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
 def load(args):
     """The predictor the model arguments describe."""
     from ..errors import LoraLlavaError
-    from ..inference import load_predictor
+    from ..evaluate.generate import load_predictor
 
     if not args.model:
         raise LoraLlavaError("--model: required (a run folder, a merged or llava-hf model folder, or a hub id)")
@@ -56,7 +65,7 @@ def register(sub, common) -> None:
         "--output", metavar="FILE.jsonl", help="batch mode: one JSON line per question (id, question, answer, reference)"
     )
     p.add_argument("--limit", type=int, help="batch mode: only the first N questions")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
+    p.add_argument("--batch-size", type=positive_int, default=GENERATION_BATCH, help="prompts generated together (left-padded)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -70,7 +79,7 @@ def run(args) -> int:
             raise LoraLlavaError("--output: required with --data (the JSON-lines file to write)")
         if args.prompt or args.image:
             raise LoraLlavaError("--data: give either --data or --image/--prompt, not both")
-        from ..evaluate import predict_file
+        from ..evaluate.run import predict_file
 
         out = predict_file(
             load(args), args.data, args.output, args.image_folder, sampling(args), args.batch_size, args.limit, args.overwrite

@@ -22,14 +22,14 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
 
 def run(args) -> int:
     from ..errors import RecipeError
-    from ..recipe import load_recipe
-    from ..train import train
+    from ..recipe.parse import load_recipe
+    from ..training.run import train
 
     recipes, overrides = split_items(args.items)
     if not recipes:
         raise RecipeError("<command line>", ["no recipe file given"])
     if len(recipes) > 1:
-        from ..pipeline import train_stages
+        from ..training.stages import train_stages
 
         train_stages(recipes, overrides, overwrite=args.overwrite)
         return 0

@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from ..recipe import DatasetSpec
-from .batching import ModalityLengthSampler  # noqa: F401  (the trainer imports it from here)
+from ..recipe.schema import DatasetSpec
 from .encode import Encoded, encode, image_token_count
 from .formats import IMAGE_TAG, UNREADABLE_IMAGE, Sample, SampleError, to_sample
 from .images import load_image, pixel_values

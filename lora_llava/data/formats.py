@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..recipe import DatasetSpec
+from ..recipe.schema import DatasetSpec
 
 IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -183,18 +183,3 @@ def _with_suffix(question: str, suffix: str) -> str:
     return question if question.rstrip().endswith(suffix) else f"{question}\n{suffix}"
 
 
-# Kept here for callers that resolve one path at a time; datasets use `paths.ImageResolver`.
-def resolve_image(path: Any, spec: DatasetSpec, sample_id: str, allow_absolute: bool) -> Any:
-    """An image path inside the dataset's image folder; escaping it (../, symlinks) raises `SampleError`."""
-    from .paths import ImageResolver, image_folder
-
-    if not isinstance(path, str):
-        return path  # an image stored in the dataset (HF Image feature)
-    return ImageResolver(image_folder(spec), allow_absolute).resolve(path, sample_id, must_exist=False)
-
-
-def read_records(spec: DatasetSpec):
-    """The records of one dataset (indexable, each a dict); see `readers.read_records`."""
-    from .readers import read_records as _read
-
-    return _read(spec)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -29,7 +29,7 @@ def open_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+        raise DataError(f"{path}: unreadable image ({first_line(e)})") from None
 
 
 def load_image(ref: Any) -> Image.Image:
@@ -42,7 +42,7 @@ def load_image(ref: Any) -> Image.Image:
                 with Image.open(io.BytesIO(ref["bytes"])) as im:
                     return _decoded(im)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise DataError(f"{ref.get('path') or 'embedded image'}: unreadable image ({e})") from None
+                raise DataError(f"{ref.get('path') or 'embedded image'}: unreadable image ({first_line(e)})") from None
         ref = ref.get("path")
         if not ref:
             raise DataError("an image entry with neither bytes nor path")

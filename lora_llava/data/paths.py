@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from ..recipe import DatasetSpec
+from ..recipe.schema import DatasetSpec
 from .formats import MISSING_IMAGE, PATH_ESCAPES, SampleError
 
 
@@ -94,3 +95,11 @@ class ImageResolver:
             except (FileNotFoundError, NotADirectoryError, PermissionError):
                 self._dirs[directory] = None
         return self._dirs[directory]
+
+
+# Kept here for callers that resolve one path at a time; datasets use `paths.ImageResolver`.
+def resolve_image(path: Any, spec: DatasetSpec, sample_id: str, allow_absolute: bool) -> Any:
+    """An image path inside the dataset's image folder; escaping it (../, symlinks) raises `SampleError`."""
+    if not isinstance(path, str):
+        return path  # an image stored in the dataset (HF Image feature)
+    return ImageResolver(image_folder(spec), allow_absolute).resolve(path, sample_id, must_exist=False)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..recipe import DatasetSpec
+from ..recipe.schema import DatasetSpec
 from .formats import detect_format
 
 EMBEDDED = "<embedded image>"  # image reference of an image stored inside a dataset

@@ -1,0 +1,126 @@
+"""The non-weight files of a merged checkpoint: config, generation config, processor, chat template.
+
+A plain transformers user prompts through the chat template, so it must
+render the exact text the model was trained on. llava-hf's own template has
+no system prompt and no `</s>` after answers; a model trained with LLaVA-1.5's
+`vicuna_v1` template gets a Jinja template that renders
+`{system} USER: <image>\\n{q} ASSISTANT: {a}</s>...` (generation prompt ending
+`ASSISTANT:`), and a generation config that stops at `</s>`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.templates import VICUNA_SYSTEM
+from ..errors import ModelError, first_line
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def vicuna_chat_template(system: str | None, eos_token: str) -> str:
+    """A Jinja chat template that renders lora_llava's `vicuna_v1` template (BOS comes from the tokenizer)."""
+    default_system = json.dumps(system or VICUNA_SYSTEM)
+    eos = json.dumps(eos_token)
+    return (
+        "{%- set ns = namespace(system=" + default_system + ") -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+        "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+        "{%- endif -%}{%- set messages = messages[1:] -%}{%- endif -%}"
+        "{{- ns.system + ' ' -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- for c in message['content'] | selectattr('type', 'equalto', 'image') -%}{{- '<image>\\n' -}}{%- endfor -%}"
+        "{%- for c in message['content'] | selectattr('type', 'equalto', 'text') -%}{{- c['text'] -}}{%- endfor -%}"
+        "{%- endif -%}{{- ' ' -}}"
+        "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+        "{%- if message['content'] is string -%}{%- set answer = message['content'] -%}"
+        "{%- else -%}{%- set answer = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+        "{%- endif -%}"
+        "{% generation %}{{- answer + " + eos + " -}}{% endgeneration %}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+def write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
+    """The base model's config, with the merged dtype."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    if getattr(config, "quantization_config", None):
+        raise ModelError(f"{base_dir}: a quantized checkpoint; merging needs the 16-bit base model the run was loaded from")
+    config.dtype = _DTYPE_NAMES[dtype]
+    config.save_pretrained(out)
+
+
+def write_generation_config(base_dir: Path, out: Path, tokenizer, template: str) -> None:
+    """The base generation config; with vicuna_v1, generation stops at the tokenizer's `</s>`."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(base_dir)
+    except OSError:
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_dir))
+    if template == "vicuna_v1":
+        gen.eos_token_id = tokenizer.eos_token_id
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(out)
+
+
+_IMAGE_SETTINGS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+
+
+def release_image_processor(image_processor, aspect: str):
+    """An image processor that prepares images as training did.
+
+    Training pads to a square with the CLIP mean colour itself (`image_aspect: pad`), whatever the
+    checkpoint's processor does; llava-hf ships a CLIPImageProcessor, which centre-crops and ignores
+    `do_pad`. The release gets a LlavaImageProcessor with `do_pad=True` and the same settings.
+    """
+    pads = bool(getattr(image_processor, "do_pad", False))
+    if aspect == "crop" and pads:
+        image_processor.do_pad = False
+    if aspect != "pad" or pads:
+        return image_processor
+    from transformers import LlavaImageProcessorPil
+
+    settings = {k: v for k, v in image_processor.to_dict().items() if k in _IMAGE_SETTINGS and v is not None}
+    return LlavaImageProcessorPil(do_pad=True, **settings)
+
+
+def write_processor(processor_source: str | Path, out: Path, template: str, system_prompt: str | None, aspect: str = "pad"):
+    """The run's processor (the one it trained with), with a chat template that renders its prompt; returns it."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(processor_source)
+    except OSError as e:
+        raise ModelError(f"{processor_source}: cannot load the processor ({first_line(e)})") from None
+    if template == "vicuna_v1":
+        chat = vicuna_chat_template(system_prompt, processor.tokenizer.eos_token)
+        processor.chat_template = chat
+        processor.tokenizer.chat_template = chat
+    processor.image_processor = release_image_processor(processor.image_processor, aspect)
+    processor.save_pretrained(out)
+    return processor

@@ -1,0 +1,125 @@
+"""Load a LLaVA-1.5 model and its processor: dtype, quantization, attention kernel.
+
+QLoRA quantizes the language model only. transformers 5 matches
+`llm_int8_skip_modules` from the start of a module path or as a whole suffix,
+so the skip list must name `model.vision_tower` and `model.multi_modal_projector`
+in full (`vision_tower` alone quantizes CLIP), and must list `lm_head` itself
+because any user list replaces the automatic lm_head skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..distributed import fsdp_enabled
+from ..errors import ModelError, first_line
+from ..recipe.schema import ModelConfig
+
+QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_source(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """A local folder that exists, or something shaped like a hub id; otherwise a clear error."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{key}: {name_or_path} has no config.json (not a transformers model folder)")
+        return str(p)
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1 or p.exists()
+    if looks_local:
+        raise ModelError(f"{key}: model folder {name_or_path} not found")
+    return name_or_path
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    """BitsAndBytesConfig for the language model only (NF4 + double quant, or int8)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            # FSDP shards flat tensors of one dtype: packing the 4-bit weights into the model's own
+            # dtype (bf16) instead of uint8 lets them shard beside the 16-bit weights (FSDP-QLoRA).
+            bnb_4bit_quant_storage=compute_dtype if fsdp_enabled() else torch.uint8,
+            llm_int8_skip_modules=QUANT_SKIP_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+
+
+def device_map() -> dict | None:
+    """Each process places the whole model on its own GPU (data parallel); None on CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoProcessor
+
+    src = check_source(name_or_path)
+    try:
+        return AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as e:
+        raise ModelError(f"model.name_or_path: cannot load the processor of {name_or_path} ({first_line(e)})") from None
+
+
+def loading_kwargs(cfg: ModelConfig, on_cpu: bool = False) -> dict:
+    """`from_pretrained` arguments for the recipe's dtype, attention kernel, quantization and device placement."""
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation)
+    quant = quantization_config(cfg, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    dm = None if on_cpu else device_map()
+    if dm is not None or quant is not None:
+        kwargs["device_map"] = dm or {"": "cpu"}  # bitsandbytes places weights as it quantizes them
+    return kwargs
+
+
+def freeze_for_training(model):
+    """No KV cache (training never reuses it) and nothing trainable: the training code decides what trains."""
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None):
+    """LlavaForConditionalGeneration as the recipe describes it (frozen; training code decides what trains)."""
+    from transformers import LlavaForConditionalGeneration
+
+    src = check_source(name_or_path or cfg.name_or_path)
+    kwargs = dict(loading_kwargs(cfg), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+    except OSError as e:
+        raise ModelError(f"model.name_or_path: cannot load {src} ({first_line(e)})") from None
+    except ValueError as e:
+        if "attn_implementation" in str(e) or "attention" in str(e).lower():
+            raise ModelError(f"model.attn_implementation: {first_line(e)}") from None
+        raise
+    return freeze_for_training(model)
+
+
+def quantized_module_names(model) -> set[str]:
+    """Names of the 4-bit / 8-bit linear layers in `model`."""
+    import bitsandbytes as bnb
+
+    return {n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}

@@ -1,0 +1,205 @@
+"""What a recipe may say: typed frozen dataclasses, one declaration per key (type, default, help, bounds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin
+
+# Names used by peft, transformers and LLaVA's scripts for keys this recipe spells differently.
+SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "mm_projector_lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "model_max_length": "max_length",
+    "image_aspect_ratio": "image_aspect",
+    "model_name_or_path": "name_or_path",
+    "conv_version": "template",
+}
+
+
+LLM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **checks: Any) -> Any:
+    """A dataclass field with help text and simple value checks (min, gt, max)."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name_or_path: str | None = _f(None, "llava-hf checkpoint: hub id or local folder.")
+    quantization: Literal["none", "nf4", "int8"] = _f(
+        "none", "Load the language model in 4-bit NF4 (QLoRA) or 8-bit; vision tower, projector and lm_head stay 16-bit."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "Dtype of the frozen 16-bit weights and of compute. auto: bfloat16 on a GPU that supports it, float32 on CPU."
+    )
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
+    trust_remote_code: bool = _f(False, "Run code shipped with a checkpoint. Off: a stranger's folder must not run code here.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of name_or_path.")
+    vision_tower: str | None = _f(None, "Compose a new LLaVA-1.5: CLIP vision checkpoint (with language_model).")
+    language_model: str | None = _f(None, "Compose a new LLaVA-1.5: LLaMA-family LLM checkpoint (with vision_tower).")
+    projector: str | None = _f(
+        None,
+        "Start from this projector: a stage-1 run folder, a projector.safetensors, a llava-hf folder, or LLaVA's mm_projector.bin.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    r: int = _f(128, "LoRA rank (LLaVA-1.5: 128).", gt=0)
+    alpha: float = _f(256, "LoRA alpha (LLaVA-1.5: 256).", gt=0)
+    dropout: float = _f(0.05, "LoRA dropout (LLaVA-1.5: 0.05).", min=0, max=1)
+    target_modules: tuple[str, ...] = _f(
+        LLM_LINEAR_LAYERS, "Linear layers of the language model that get adapters. Never the vision tower, projector or lm_head."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProjectorConfig:
+    learning_rate: float | None = _f(
+        2e-5,
+        "Learning rate of the fully trained projector in stage 2 (LLaVA-1.5 mm_projector_lr: 2e-5); null: train.learning_rate.",
+        gt=0,
+    )
+    trainable: bool = _f(True, "Train the projector fully in stage 2 (LLaVA-1.5 does).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    path: str = _f(help="LLaVA JSON / JSONL file, a Hugging Face dataset folder (save_to_disk), or parquet / jsonl.")
+    image_folder: str | None = _f(None, "Folder that image paths are relative to.")
+    format: Literal["auto", "llava", "hf"] = _f(
+        "auto", "auto: from the path (.json/.jsonl: read as JSON, LLaVA or chat layout per record; folder/.parquet/.arrow: hf)."
+    )
+    weight: float | None = _f(
+        None, "Sampling weight in a mixture: the dataset is repeated or subsampled to weight x its size.", gt=0
+    )
+    max_samples: int | None = _f(None, "Use at most this many samples of the dataset.", gt=0)
+    response_suffix: str | None = _f(
+        None, "Appended to each question, e.g. 'Answer the question using a single word or phrase.' for short-answer VQA."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train: tuple[DatasetSpec, ...] = _f(help="Training datasets (a mixture when several).")
+    eval: tuple[DatasetSpec, ...] = _f((), "Evaluation datasets.")
+    template: Literal["vicuna_v1", "plain", "chat_template", "auto"] = _f(
+        "auto", "Prompt template. auto: plain for stage align, vicuna_v1 for stage instruct (LLaVA-1.5)."
+    )
+    system_prompt: str | None = _f(
+        None, "System prompt for samples without one of their own (default: the template's; vicuna_v1, chat_template)."
+    )
+    max_length: int = _f(2048, "Maximum tokens per sample, image tokens included; image tokens are never cut.", gt=0)
+    image_aspect: Literal["pad", "crop"] = _f(
+        "pad", "pad: pad to a square with the CLIP mean colour, then resize (LLaVA-1.5). crop: centre crop."
+    )
+    group_by_modality_length: bool | None = _f(
+        None, "Batches of image-only or text-only samples of similar length. null: on for instruct, off for align."
+    )
+    num_workers: int = _f(0, "DataLoader workers that decode images and tokenise.", min=0)
+    validate: Literal["full", "index"] = _f(
+        "full",
+        "Before training: full decodes every image and tokenises every sample (as `lora-llava check`, in num_workers "
+        "processes); index reads the index only (structure, image paths) and starts in seconds, and an unreadable or "
+        "too-long sample met during training is then skipped and counted.",
+    )
+    on_bad_sample: Literal["error", "skip"] = _f(
+        "error", "Bad samples found before training: stop with an error, or skip and count them."
+    )
+    max_bad_fraction: float = _f(
+        0.0, "Share of bad samples `lora-llava check` and on_bad_sample: skip tolerate (per split).", min=0, max=1
+    )
+    allow_absolute_paths: bool = _f(
+        False, "Allow image paths outside their image folder (absolute, ../, or symlinks that lead out)."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    output_dir: str = _f(help="Run folder: adapter, checkpoints, resolved recipe, metrics, plots.")
+    epochs: float = _f(1.0, "Passes over the training data.", gt=0)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", gt=0)
+    learning_rate: float = _f(
+        2e-4, "Learning rate of the LoRA weights (LLaVA-1.5: 2e-4), or of the projector in stage align (1e-3).", gt=0
+    )
+    batch_size: int = _f(16, "Samples per device per forward pass.", gt=0)
+    grad_accum: int = _f(1, "Gradient accumulation steps; global batch = batch_size x grad_accum x world size.", gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
+        "cosine", "Learning-rate schedule (LLaVA-1.5: cosine)."
+    )
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming up (LLaVA-1.5: 0.03).", min=0, max=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay (LLaVA-1.5: 0).", min=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns clipping off.", min=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = _f(
+        "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged AdamW."
+    )
+    gradient_checkpointing: bool = _f(True, "Non-reentrant activation checkpointing of the language model.")
+    loss: Literal["chunked", "standard"] = _f(
+        "chunked",
+        "chunked: cross-entropy over lm_head in chunks, never the full fp32 logits (same loss). standard: the model's own loss.",
+    )
+    logging_steps: int = _f(1, "Log the loss every N steps.", gt=0)
+    save_steps: int = _f(500, "Save a checkpoint every N steps.", gt=0)
+    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.", gt=0)
+    eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null: only at the end).", gt=0)
+    seed: int = _f(42, "Seed of initialisation, data order and dropout.")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop",
+        "A step with a non-finite loss or gradients: stop (the last good checkpoint stays), or skip the step and count it.",
+    )
+
+    def global_batch(self, world_size: int = 1) -> int:
+        """Samples per optimizer step over every process: the batch LLaVA-1.5's hyperparameters are quoted for."""
+        return self.batch_size * self.grad_accum * world_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    stage: Literal["align", "instruct"] = _f("instruct", "align: projector only (stage 1). instruct: LoRA + projector (stage 2).")
+    model: ModelConfig = _f(help="The model to adapt.")
+    data: DataConfig = _f(help="Datasets, template, lengths.")
+    train: TrainConfig = _f(help="Optimisation and outputs.")
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"help": "LoRA adapters on the language model (stage instruct)."}
+    )
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig, metadata={"help": "The multi-modal projector."})
+
+    @property
+    def template(self) -> str:
+        """The template actually used: `auto` resolves per stage as LLaVA-1.5 does."""
+        if self.data.template != "auto":
+            return self.data.template
+        return "plain" if self.stage == "align" else "vicuna_v1"
+
+    @property
+    def group_by_modality_length(self) -> bool:
+        if self.data.group_by_modality_length is not None:
+            return self.data.group_by_modality_length
+        return self.stage == "instruct"
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {type(None): "null", str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))

@@ -1,0 +1,140 @@
+"""What trains: LoRA on the language model's linear layers, the projector in full.
+
+peft's `target_modules=["q_proj", ...]` as a list also matches CLIP's
+attention layers (same names), so the targets are a regex anchored on
+`language_model`. The projector goes into `modules_to_save`: peft trains a full
+copy and stores it inside adapter_model.safetensors, which keeps the adapter
+folder self-contained. `prepare_model_for_kbit_training` is not used: it casts
+every frozen parameter (CLIP, embeddings, lm_head) to fp32 and switches on
+reentrant checkpointing; only the trained weights need fp32 here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..model.projector import PROJECTOR_MODULE
+from ..recipe.schema import Recipe
+
+
+def lora_target_regex(layers: tuple[str, ...]) -> str:
+    """A peft target regex (full match) for `layers` inside the language model only."""
+    return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, layers))})"
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing: works with frozen inputs and without input grads."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def setup_instruct(model, recipe: Recipe):
+    """Stage 2: LoRA adapters on the LLM, projector fully trainable in fp32; returns a PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=lora_target_regex(recipe.lora.target_modules),
+        modules_to_save=[PROJECTOR_MODULE] if recipe.projector.trainable else None,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)  # adapters start in fp32 (autocast_adapter_dtype)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master weights for everything that trains
+    check_trainable(peft_model, recipe)
+    return peft_model
+
+
+def setup_align(model, recipe: Recipe):
+    """Stage 1: only the projector trains (fp32); vision tower and LLM stay frozen."""
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    projector.float()
+    projector.requires_grad_(True)
+    check_trainable(model, recipe)
+    return model
+
+
+def is_projector(name: str) -> bool:
+    return f"{PROJECTOR_MODULE}." in name
+
+
+def is_lora(name: str) -> bool:
+    return ".lora_" in name
+
+
+def check_trainable(model, recipe: Recipe) -> None:
+    """Fail loudly if what trains is not exactly what the recipe says."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if recipe.stage == "align":
+        wrong = [n for n in trainable if not is_projector(n)]
+        missing = not any(is_projector(n) for n in trainable)
+    else:
+        wrong = [
+            n for n in trainable if not ((is_lora(n) and "language_model" in n) or (is_projector(n) and "modules_to_save" in n))
+        ]
+        missing = not any(is_lora(n) for n in trainable) or (
+            recipe.projector.trainable and not any(is_projector(n) for n in trainable)
+        )
+    if wrong or missing:
+        raise RuntimeError(f"trainable parameters differ from the recipe: unexpected {wrong[:5]}, missing={missing}")
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    lora: int
+    projector: int
+    total: int
+
+    @property
+    def trainable(self) -> int:
+        return self.lora + self.projector
+
+    def __str__(self) -> str:
+        pct = 100 * self.trainable / max(self.total, 1)
+        return (
+            f"trainable parameters: {self.trainable:,} of {self.total:,} ({pct:.2f}%) = "
+            f"LoRA {self.lora:,} + projector {self.projector:,}"
+        )
+
+
+def param_report(model) -> ParamReport:
+    """Counts of trainable LoRA and projector parameters against all parameters.
+
+    4-bit weights are packed two per byte; they count as the parameters they hold.
+    The frozen original projector that peft keeps beside its trained copy is not counted twice.
+    """
+    lora = proj = total = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * 2 if p.dtype == torch.uint8 else p.numel()
+        if "original_module" in name:
+            continue
+        total += n
+        if p.requires_grad:
+            if is_lora(name):
+                lora += n
+            elif is_projector(name):
+                proj += n
+    return ParamReport(lora, proj, total)
+
+
+def param_groups(model, recipe: Recipe) -> list[dict]:
+    """Optimizer groups: LoRA at train.learning_rate, the projector at its own rate (LLaVA-1.5: 2e-5)."""
+    lora, proj = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (proj if is_projector(name) else lora).append(p)
+    if recipe.stage == "align":
+        return [
+            {"params": proj, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay, "name": "projector"}
+        ]
+    proj_lr = recipe.projector.learning_rate or recipe.train.learning_rate
+    groups = [{"params": lora, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay, "name": "lora"}]
+    if proj:
+        groups.append({"params": proj, "lr": proj_lr, "weight_decay": recipe.train.weight_decay, "name": "projector"})
+    return groups
