@@ -91,7 +91,8 @@ def plain_trainer(model, ds, recipe, out: Path, collate_fn, callbacks):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer
 
-    from lora_llava.training.lora import PROJECTOR, lora_target_regex
+    from lora_llava.model.projector import PROJECTOR_MODULE as PROJECTOR
+    from lora_llava.training.lora import lora_target_regex
     from lora_llava.training.run import training_arguments
 
     if recipe.train.gradient_checkpointing:

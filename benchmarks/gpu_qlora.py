@@ -229,7 +229,8 @@ def trl_trainer(model, ds, recipe, out: Path, collate_fn, callbacks, processor):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lora_llava.training.lora import PROJECTOR, lora_target_regex
+    from lora_llava.model.projector import PROJECTOR_MODULE as PROJECTOR
+    from lora_llava.training.lora import lora_target_regex
 
     t = recipe.train
     optim = TRL_OPTIM[t.optimizer] + ("_fused" if t.optimizer == "adamw" and torch.cuda.is_available() else "")
