@@ -3,7 +3,7 @@
     python benchmarks/cpu_throughput.py                     # 10 steps each, batch 4, fp32
     python benchmarks/cpu_throughput.py --steps 20 --json cpu.json
 
-A small LLaVA-1.5-shaped model (lora_llava.tiny: CLIP tower at 112 px, 64
+A small LLaVA-1.5-shaped model (lora_llava.model.tiny: CLIP tower at 112 px, 64
 image tokens, a 4-layer LLaMA of width 256) learns the generated shapes VQA
 data. The three trainers get the same model, the same encoded samples, the
 same collator and the same settings (LoRA r=16 on every linear layer of the

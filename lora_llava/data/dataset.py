@@ -33,7 +33,6 @@ from .readers import EMBEDDED, ArrowRows, iter_hf, read_hf, read_llava, reads_as
 from .templates import render
 
 log = logging.getLogger(__name__)
-_load_image = load_image  # the name evaluate.py imports
 
 
 @dataclass

@@ -227,9 +227,9 @@ def predict(
     model: str | Path | Predictor,
     images: list[str | Path | Image.Image],
     prompt: str,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    max_new_tokens: int = Sampling.max_new_tokens,
+    temperature: float = Sampling.temperature,
+    top_p: float = Sampling.top_p,
 ) -> str:
     """The answer of `model` (a folder, hub id or loaded `Predictor`) to `prompt` about `images`."""
     return as_predictor(model).predict(images, prompt, Sampling(max_new_tokens, temperature, top_p))
