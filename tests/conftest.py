@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORA_LLAVA_PROGRESS", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["llama_like"]  # the `llama_like` tokenizer fixture (tests/llama_like.py)
 TINY_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px: 16 image tokens per image
 
 
