@@ -47,6 +47,7 @@ class CheckReport:
     grouped: bool
     max_bad_fraction: float
     header: str = ""
+    truncated_samples: list[tuple[str, str, str]] = field(default_factory=list)  # (split, dataset path, sample id)
     kinds: dict[str, list[tuple[str, str, SampleError]]] = field(init=False)
 
     def __post_init__(self):
@@ -68,6 +69,7 @@ class CheckReport:
             "datasets": [vars(d) for d in self.datasets],
             "bad": [{"split": s, "path": p, "id": e.sample_id, "kind": e.kind, "reason": e.reason} for s, p, e in self.bad],
             "truncated": self.truncated,
+            "truncated_samples": [{"split": s, "path": p, "id": sid} for s, p, sid in self.truncated_samples],
             "token_lengths": {f"p{q}": float(np.percentile(self.lengths, q)) for q in (50, 90, 95, 99)} if self.lengths else {},
             "padding_fraction": self.padding,
             "max_bad_fraction": self.max_bad_fraction,
@@ -88,6 +90,10 @@ class CheckReport:
                 lines.append(f"    ... and {len(items) - SHOWN_PER_KIND:,} more")
         if self.truncated:
             lines.append(f"truncated to data.max_length (image tokens kept): {self.truncated:,} samples")
+            for _, path, sid in self.truncated_samples[:SHOWN_PER_KIND]:
+                lines.append(f"    {path}: sample {sid}")
+            if len(self.truncated_samples) > SHOWN_PER_KIND:
+                lines.append(f"    ... and {len(self.truncated_samples) - SHOWN_PER_KIND:,} more")
         if self.lengths:
             p = np.percentile(self.lengths, [50, 90, 95, 99]).round().astype(int)
             lines.append(f"token lengths (train): p50 {p[0]}, p90 {p[1]}, p95 {p[2]}, p99 {p[3]}, max {max(self.lengths)}")
@@ -105,7 +111,7 @@ def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckRe
     processor = processor if processor is not None else load_check_processor(recipe.model)
     d, t = recipe.data, recipe.train
     workers = d.num_workers if workers is None else workers
-    counts, bad_all, truncated, lengths, padding = [], [], 0, [], None
+    counts, bad_all, truncated, lengths, padding, cut = [], [], 0, [], None, []
     for split, specs in (("train", d.train), ("eval", d.eval)):
         if not specs:
             continue
@@ -114,6 +120,7 @@ def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckRe
         good, truncated = exam.lengths, truncated + exam.truncated
         found = [(k, e) for k, src in enumerate(ds.sources) for e in src.bad] + exam.bad
         bad_all += [(split, ds.sources[k].spec.path, e) for k, e in found]
+        cut += [(split, ds.sources[k].spec.path, sid) for k, sid in exam.truncated_ids]
         in_mix = [0] * len(ds.sources)
         for key in zip(ds._source.tolist(), ds._record.tolist()):
             in_mix[key[0]] += key in good
@@ -124,7 +131,16 @@ def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckRe
             padding = _padding(ds, good, recipe)
     header = f"recipe: ok (stage {recipe.stage}, template {recipe.template}, max_length {d.max_length}, images {d.image_aspect})"
     return CheckReport(
-        counts, bad_all, truncated, lengths, padding, t.batch_size, recipe.group_by_modality_length, d.max_bad_fraction, header
+        counts,
+        bad_all,
+        truncated,
+        lengths,
+        padding,
+        t.batch_size,
+        recipe.group_by_modality_length,
+        d.max_bad_fraction,
+        header,
+        truncated_samples=cut,
     )
 
 

@@ -21,6 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORA_LLAVA_PROGRESS", "0")
 
+pytest_plugins = ["tests.llama_like"]  # the `llama_like` tokenizer fixture (tests/llama_like.py)
+
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:

@@ -20,6 +20,12 @@ def register(sub, common) -> None:
         action="store_true",
         help="write a checkpoint in the original LLaVA layout (DIR/llava, DIR/clip) for `lora-llava convert`",
     )
+    p.add_argument(
+        "--saved-by",
+        choices=("transformers4", "transformers5"),
+        help="with --original: also store a vision tower inside, named as LLaVA's code saves it under that version",
+    )
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="with --original: weight dtype")
     p.set_defaults(func=run)
 
 
@@ -27,11 +33,15 @@ def run(args) -> int:
     from ..model.tiny import make_tiny, make_tiny_original, make_tiny_parts
 
     sizes = dict(image_size=args.image_size, patch_size=args.patch_size, seed=args.seed)
+    if not args.original and (args.saved_by or args.dtype != "float32"):
+        from ..errors import LoraLlavaError
+
+        raise LoraLlavaError("--saved-by and --dtype describe an original-layout checkpoint: add --original")
     if args.parts:
         for folder in make_tiny_parts(args.output_dir, **sizes):
             print(folder)
     elif args.original:
-        print(make_tiny_original(args.output_dir, **sizes))
+        print(make_tiny_original(args.output_dir, **sizes, saved_by=args.saved_by, dtype=args.dtype))
     else:
         print(make_tiny(args.output_dir, **sizes))
     return 0

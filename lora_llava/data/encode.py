@@ -2,7 +2,10 @@
 
 Labels come from character spans: a token is supervised when its characters
 overlap an answer span. This is exact for any fast tokenizer, where LLaVA's
-reference code has to count tokens per round and patch off-by-ones.
+reference code has to count tokens per round and patch off-by-ones. With the
+official templates (vicuna_v1, plain) the text is tokenised in pieces split at
+each `<image>`, as the official code does (see `tokenize`); `chat_template`
+follows the model's own processor and tokenises the text in one call.
 
 `max_length` is met without cutting image tokens, which would make the model
 raise "Image features and image tokens do not match": whole rounds are kept
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import TOO_LONG, SampleError
+from .formats import IMAGE_TAG, TOO_LONG, SampleError
 from .templates import Rendered
 
 IGNORE_INDEX = -100
@@ -48,6 +51,34 @@ def _in_spans(offsets: list[tuple[int, int]], spans) -> list[bool]:
     return flags
 
 
+def tokenize(text: str, tokenizer, image_token_id: int, image_chunks: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no BOS added) and each token's character span; one id per `<image>`.
+
+    `image_chunks`: the text between `<image>` tags is tokenised piece by piece, as LLaVA's
+    `tokenizer_image_token` does. With a SentencePiece tokenizer each piece then gets its dummy
+    prefix, so the official sequence is `<image> ▁ <0x0A> What`, where one call on the whole text
+    gives `<image> <0x0A> What` (non-legacy tokenizers, llava-hf's processor). A dummy prefix has
+    the span of the character it precedes, so it is supervised or masked with that character.
+    """
+    if not image_chunks or IMAGE_TAG not in text:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    for k, chunk in enumerate(text.split(IMAGE_TAG)):
+        if k:
+            ids.append(image_token_id)
+            offsets.append((at, at + len(IMAGE_TAG)))
+            at += len(IMAGE_TAG)
+        if chunk:  # an empty piece adds nothing (LLaVA drops the BOS of every piece but the first)
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            offsets += [(at + a, at + b) for a, b in enc["offset_mapping"]]
+        at += len(chunk)
+    return ids, offsets
+
+
 def encode(
     rendered: Rendered,
     tokenizer,
@@ -57,20 +88,19 @@ def encode(
     sample_id: str,
 ) -> Encoded:
     """Tokenise, expand each `<image>` to `tokens_per_image` ids, fit into `max_length` (see the module doc)."""
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens, offsets = tokenize(rendered.text, tokenizer, image_token_id, rendered.image_chunks)
     ids: list[int] = []
     labels: list[int] = []
     kinds: list[int] = []
     ends: list[int] = []  # token position where each round ends
     round_ends = list(rendered.round_ends)
     bos = tokenizer.bos_token_id
-    if bos is not None and (not enc["input_ids"] or enc["input_ids"][0] != bos):
+    if bos is not None and (not tokens or tokens[0] != bos):
         ids.append(bos)
         labels.append(IGNORE_INDEX)
         kinds.append(_FIXED)
-    offsets = enc["offset_mapping"]
     answer, question = _in_spans(offsets, rendered.supervised), _in_spans(offsets, rendered.questions)
-    for p, (tok, (start, _)) in enumerate(zip(enc["input_ids"], offsets)):
+    for p, (tok, (start, _)) in enumerate(zip(tokens, offsets)):
         while round_ends and start >= round_ends[0]:
             ends.append(len(ids))
             round_ends.pop(0)

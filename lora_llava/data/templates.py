@@ -12,14 +12,19 @@ The exact strings (pinned by tests):
   (llava-hf's does, and a model trained without it never learns to stop). With llava-hf's
   template: `USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`.
 
-Supervised spans are each answer plus its end-of-sequence token; everything
-else (BOS, system, user turns, role markers, image tokens) is masked. The
+Supervised spans are each answer plus its end-of-sequence token, starting at
+the whitespace between the generation prompt and the answer (" " after
+`ASSISTANT:`): the model writes it, and when the answer starts with a digit, a
+CJK character or a newline a LLaMA tokenizer makes it a lone "▁" token, which
+LLaVA's official code trains too. Everything else (BOS, system, user turns, role
+markers, image tokens) is masked. The
 system prompt is the sample's own system message if it has one, else
 `data.system_prompt`, else the template's default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..errors import DataError
@@ -30,6 +35,9 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 TEMPLATES = ("vicuna_v1", "plain", "chat_template")
+# LLaVA's own templates are tokenised as its code does, one piece per `<image>`-separated chunk;
+# `chat_template` follows the model's processor (one call on the whole text).
+IMAGE_CHUNK_TEMPLATES = ("vicuna_v1", "plain")
 
 
 @dataclass(frozen=True)
@@ -38,18 +46,20 @@ class Rendered:
     supervised: tuple[tuple[int, int], ...]  # [start, end) character spans of answers (+ EOS)
     round_ends: tuple[int, ...]  # character offset where each user/assistant round ends
     questions: tuple[tuple[int, int], ...] = ()  # [start, end) spans of user text, which truncation may shorten
+    image_chunks: bool = False  # tokenise the text between `<image>` tags piece by piece, as LLaVA's own code does
 
 
 def render(sample: Sample, template: str, tokenizer, system_prompt: str | None = None) -> Rendered:
     """The training text of a sample under `template`, with its supervised spans."""
     if template == "vicuna_v1":
-        return _render_vicuna(sample.turns, sample.system or system_prompt or VICUNA_SYSTEM, tokenizer.eos_token)
+        rendered = _render_vicuna(sample.turns, sample.system or system_prompt or VICUNA_SYSTEM, tokenizer.eos_token)
+        return dataclasses.replace(rendered, image_chunks=True)
     if template == "plain":
         if len(sample.turns) != 2:
             raise SampleError(
                 sample.id, MALFORMED, f"the plain template takes one caption per sample, got {len(sample.turns) // 2} rounds"
             )
-        return _render_plain(sample.turns)
+        return dataclasses.replace(_render_plain(sample.turns), image_chunks=True)
     if template == "chat_template":
         return _render_chat_template(sample.turns, sample.system or system_prompt, tokenizer)
     raise ValueError(f"unknown template {template!r}")
@@ -76,8 +86,9 @@ def _render_vicuna(turns: tuple[tuple[str, str], ...], system: str, eos: str) ->
     for k in range(0, len(turns), 2):
         text += "USER: "
         questions.append((len(text), len(text) + len(turns[k][1])))
-        text += f"{turns[k][1]} ASSISTANT: "
-        start = len(text)
+        text += f"{turns[k][1]} ASSISTANT:"
+        start = len(text)  # the space below is the model's first output after the generation prompt
+        text += " "
         text += turns[k + 1][1] + eos
         spans.append((start, len(text)))
         ends.append(len(text))
@@ -127,8 +138,8 @@ def _render_chat_template(turns: tuple[tuple[str, str], ...], system: str | None
         answer_part = with_answer[len(with_prompt) :]
         lead = len(answer_part) - len(answer_part.lstrip())
         body = answer_part.strip()
+        start = len(text)  # the lead whitespace follows the generation prompt: the model writes it
         text += answer_part[:lead]
-        start = len(text)
         text += body
         # The template's own EOS (if any) stays inside the span; otherwise we add one.
         if not body.endswith(eos):

@@ -29,6 +29,7 @@ class Examination:
     lengths: dict[tuple[int, int], int] = field(default_factory=dict)
     bad: list[tuple[int, SampleError]] = field(default_factory=list)  # (source, error)
     truncated: int = 0
+    truncated_ids: list[tuple[int, str]] = field(default_factory=list)  # (source, sample id), in index order
 
 
 class _Examine(torch.utils.data.Dataset):
@@ -43,12 +44,13 @@ class _Examine(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple:
         k, i = self.items[j]
         try:
-            enc, _ = self.ds.encode_sample(self.ds.sources[k].sample(i), pixels=False)
+            sample = self.ds.sources[k].sample(i)
+            enc, _ = self.ds.encode_sample(sample, pixels=False)
         except SampleError as e:
-            return k, i, None, False, (e.sample_id, e.kind, e.reason)
+            return k, i, None, None, (e.sample_id, e.kind, e.reason)
         except DataError as e:  # not about one sample (e.g. the template): stop, with the message intact
-            return k, i, None, False, str(e)
-        return k, i, len(enc.input_ids), enc.truncated, None
+            return k, i, None, None, str(e)
+        return k, i, len(enc.input_ids), sample.id if enc.truncated else None, None
 
 
 def examine(ds: LlavaDataset, workers: int = 0) -> Examination:
@@ -71,7 +73,9 @@ def examine(ds: LlavaDataset, workers: int = 0) -> Examination:
                 out.bad.append((k, SampleError(*err)))
             else:
                 out.lengths[(k, i)] = n
-                out.truncated += cut
+                if cut is not None:  # the id of a sample cut to max_length
+                    out.truncated += 1
+                    out.truncated_ids.append((k, cut))
     return out
 
 

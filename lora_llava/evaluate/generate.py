@@ -30,7 +30,7 @@ from ..data.dataset import tokens_per_image
 from ..data.encode import encode
 from ..data.formats import IMAGE_TAG
 from ..data.images import open_image, pixel_values
-from ..data.templates import TEMPLATES, Rendered, generation_prompt
+from ..data.templates import IMAGE_CHUNK_TEMPLATES, TEMPLATES, Rendered, generation_prompt
 from ..errors import DataError, LoraLlavaError, ModelError
 from ..recipe.parse import load_recipe
 from ..recipe.schema import ModelConfig
@@ -72,8 +72,15 @@ class Predictor:
         tags = text.count(IMAGE_TAG)
         if tags != len(request.images):
             raise DataError(f"the prompt has {tags} {IMAGE_TAG} tag(s) for {len(request.images)} image(s)")
+        # Tokenised as `render` marks training text of this template (`image_chunks`), so the prompt is its prefix.
+        chunks = self.template in IMAGE_CHUNK_TEMPLATES
         enc = encode(
-            Rendered(text, (), ()), self.processor.tokenizer, self.image_token_id, self.tokens_per_image, NO_LIMIT, "prompt"
+            Rendered(text, (), (), image_chunks=chunks),
+            self.processor.tokenizer,
+            self.image_token_id,
+            self.tokens_per_image,
+            NO_LIMIT,
+            "prompt",
         )
         return enc.input_ids
 

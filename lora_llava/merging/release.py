@@ -15,16 +15,23 @@ from pathlib import Path
 
 import torch
 
+from ..data.encode import tokenize
+from ..data.formats import IMAGE_TAG
 from ..data.templates import VICUNA_SYSTEM
 from ..errors import ModelError, first_line
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def vicuna_chat_template(system: str | None, eos_token: str) -> str:
-    """A Jinja chat template that renders lora_llava's `vicuna_v1` template (BOS comes from the tokenizer)."""
+def vicuna_chat_template(system: str | None, eos_token: str, after_image: str = "\n") -> str:
+    """A Jinja chat template that renders lora_llava's `vicuna_v1` template (BOS comes from the tokenizer).
+
+    `after_image` follows each `<image>` (see `text_after_image`): `"\n"`, or `" \n"` where the
+    tokenizer needs the space to give the "▁" that training's per-chunk tokenisation gives.
+    """
     default_system = json.dumps(system or VICUNA_SYSTEM)
     eos = json.dumps(eos_token)
+    image = json.dumps(IMAGE_TAG + after_image)
     return (
         "{%- set ns = namespace(system=" + default_system + ") -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -34,9 +41,9 @@ def vicuna_chat_template(system: str | None, eos_token: str) -> str:
         "{{- ns.system + ' ' -}}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
-        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- if message['content'] is string -%}{{- message['content'] | replace('<image>\\n', " + image + ") -}}"
         "{%- else -%}"
-        "{%- for c in message['content'] | selectattr('type', 'equalto', 'image') -%}{{- '<image>\\n' -}}{%- endfor -%}"
+        "{%- for c in message['content'] | selectattr('type', 'equalto', 'image') -%}{{- " + image + " -}}{%- endfor -%}"
         "{%- for c in message['content'] | selectattr('type', 'equalto', 'text') -%}{{- c['text'] -}}{%- endfor -%}"
         "{%- endif -%}{{- ' ' -}}"
         "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
@@ -47,6 +54,28 @@ def vicuna_chat_template(system: str | None, eos_token: str) -> str:
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+def text_after_image(tokenizer) -> str:
+    """What the release's template writes after `<image>` so that one-call tokenisation gives training's ids.
+
+    Training tokenises vicuna_v1 text in pieces split at `<image>` (LLaVA's own sequence,
+    `<image> ▁ <0x0A> What` with a SentencePiece tokenizer); a processor tokenises the whole
+    prompt at once. A legacy tokenizer adds the "▁" after a special token itself; a non-legacy
+    one (Vicuna v1.5, llava-hf) needs a space written there. Measured, not read from `legacy`:
+    tokenizers built elsewhere need not say which kind they are.
+    """
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+    probe = f"USER: {IMAGE_TAG}\nWhat is it? ASSISTANT: 5{tokenizer.eos_token}USER: {IMAGE_TAG}\n2? ASSISTANT:"
+    wanted = tokenize(probe, tokenizer, image_id, image_chunks=True)[0]
+    for after in ("\n", " \n"):
+        text = probe.replace(IMAGE_TAG + "\n", IMAGE_TAG + after)
+        if tokenizer(text, add_special_tokens=False)["input_ids"] == wanted:
+            return after
+    raise ModelError(
+        f"this tokenizer ({type(tokenizer).__name__}) cannot be made to give the training token ids of an image prompt "
+        "in one call; the release's chat template would not reproduce training"
     )
 
 
@@ -118,7 +147,8 @@ def write_processor(processor_source: str | Path, out: Path, template: str, syst
     except OSError as e:
         raise ModelError(f"{processor_source}: cannot load the processor ({first_line(e)})") from None
     if template == "vicuna_v1":
-        chat = vicuna_chat_template(system_prompt, processor.tokenizer.eos_token)
+        tok = processor.tokenizer
+        chat = vicuna_chat_template(system_prompt, tok.eos_token, text_after_image(tok))
         processor.chat_template = chat
         processor.tokenizer.chat_template = chat
     processor.image_processor = release_image_processor(processor.image_processor, aspect)

@@ -28,6 +28,9 @@ ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "m
 FEATURE_STRATEGIES = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> llava-hf
 # Config keys of LLaVA's own code, not of the language model.
 _LLAVA_KEY_PREFIXES = ("mm_", "tune_mm", "freeze_mm", "unfreeze_mm", "use_mm", "image_", "tokenizer_")
+# The CLIP tower inside a checkpoint (LLaVA's CLIPVisionTower wraps a CLIPVisionModel): transformers 4
+# saved CLIPVisionModel's weights under `vision_model.`, transformers 5 without that level. Longest first.
+_VISION_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_tower.")
 _META_KEYS = ("architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
 
 
@@ -43,7 +46,7 @@ def convert_checkpoint(
     src, dst = local_source(str(src)), Path(dst)
     original = read_original_config(src)
     refuse_nonempty(dst, "DST", overwrite)
-    dtype = dtype or original.get("torch_dtype") or "float16"
+    dtype = dtype or source_dtype(original)
     if dtype not in DTYPES:
         raise ModelError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     model, processor = build_converted(src, original, vision_tower or original["mm_vision_tower"], dtype)
@@ -124,8 +127,9 @@ def rename_weights(state: dict[str, torch.Tensor], src: Path) -> tuple[dict[str,
             if index not in ("0", "2"):
                 raise ModelError(f"{src}: unexpected projector weight {k} (mlp2x_gelu has layers 0 and 2)")
             out[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{rest}"] = v
-        elif k.startswith("model.vision_tower.vision_tower.vision_model."):
-            vision["model.vision_tower." + k[len("model.vision_tower.vision_tower.vision_model.") :]] = v
+        elif k.startswith(_VISION_PREFIXES):
+            prefix = next(p for p in _VISION_PREFIXES if k.startswith(p))
+            vision["model.vision_tower." + k[len(prefix) :]] = v
         elif k.startswith("model."):
             out["model.language_model." + k[len("model.") :]] = v
         elif k == "lm_head.weight":
@@ -135,6 +139,11 @@ def rename_weights(state: dict[str, torch.Tensor], src: Path) -> tuple[dict[str,
     if not any(k.startswith("model.multi_modal_projector.") for k in out):
         raise ModelError(f"{src}: no model.mm_projector weights (a checkpoint of the LLM alone?)")
     return out, vision
+
+
+def source_dtype(original: dict) -> str:
+    """The checkpoint's own dtype: transformers 5 writes `dtype` in config.json, older versions `torch_dtype`."""
+    return original.get("dtype") or original.get("torch_dtype") or "float16"
 
 
 def text_config_of(original: dict):
@@ -157,6 +166,12 @@ def build_converted(src: Path, original: dict, vision_source: str, dtype: str):
             f"the checkpoint's projector expects mm_hidden_size {original['mm_hidden_size']}"
         )
     if inline_vision:  # checkpoints that trained or shipped the tower carry its weights: those win
+        unknown = sorted(set(inline_vision) - set(vision_state))
+        if unknown:
+            raise ModelError(
+                f"{src}: {len(unknown)} vision tower weight(s) that the CLIP tower {vision_source} does not have, "
+                f"e.g. {unknown[0]} (llava-hf name)"
+            )
         vision_state.update(inline_vision)
     n_original = add_llava_tokens(tokenizer)
     config = llava_config(

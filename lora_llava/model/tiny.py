@@ -178,6 +178,18 @@ def make_tiny_parts(
     return out / "clip", out / "llm"
 
 
+def _inline_tower(vision_config, seed: int, saved_by: str) -> dict[str, torch.Tensor]:
+    """A CLIP vision tower's weights named as LLaVA's checkpoints name them under `saved_by`."""
+    prefixes = {
+        "transformers4": "model.vision_tower.vision_tower.vision_model.",
+        "transformers5": "model.vision_tower.vision_tower.",
+    }
+    if saved_by not in prefixes:
+        raise ValueError(f"saved_by must be one of {', '.join(prefixes)}, got {saved_by!r}")
+    tower = _tiny_clip(vision_config, seed, full_clip=False)
+    return {prefixes[saved_by] + k: v.detach().contiguous() for k, v in tower.state_dict().items()}
+
+
 def make_tiny_original(
     output_dir: str | Path,
     image_size: int = 336,
@@ -186,12 +198,19 @@ def make_tiny_original(
     text_hidden: int = 64,
     vision_hidden: int = 32,
     layers: int = 2,
+    saved_by: str | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write a tiny checkpoint in the original LLaVA-1.5 layout (`llava/`) and the CLIP it names (`clip/`).
 
     The layout of liuhaotian/llava-v1.5-7b: `LlavaLlamaForCausalLM`, the LLaMA weights under
     `model.*` and `lm_head`, the projector as `model.mm_projector.0/2`, the vision tower only
     named (`mm_vision_tower`), the plain LLaMA tokenizer. Returns the `llava/` folder.
+
+    `saved_by` "transformers4" / "transformers5" also stores a vision tower inside, as LLaVA's code
+    saves one under that version (`vision_tower.vision_tower.vision_model.*` / `vision_tower.vision_tower.*`,
+    config key `torch_dtype` / `dtype`); it is seeded apart from `clip/`, so a converter that took
+    `clip/` instead gives other logits. `dtype`: the stored weights' dtype.
     """
     from safetensors.torch import save_file
 
@@ -208,15 +227,27 @@ def make_tiny_original(
         layer = torch.nn.Linear(n_in, n_out)
         state[f"model.mm_projector.{i}.weight"] = layer.weight.detach()
         state[f"model.mm_projector.{i}.bias"] = layer.bias.detach()
+    if saved_by is not None:
+        state |= _inline_tower(vision, seed + 3, saved_by)
+    state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
     llava = out / "llava"
     llava.mkdir(parents=True, exist_ok=True)
     save_file(state, str(llava / "model.safetensors"), metadata={"format": "pt"})
-    config = {
-        **{k: v for k, v in text.to_dict().items() if k not in ("architectures", "model_type", "transformers_version", "dtype")},
+    config = _original_config(text, out / "clip", vision_hidden, saved_by, dtype)
+    (llava / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    tokenizer.save_pretrained(llava)
+    return llava
+
+
+def _original_config(text_config, clip: Path, vision_hidden: int, saved_by: str | None, dtype: str) -> dict:
+    """config.json of an original LLaVA-1.5 checkpoint: the LLM's keys plus LLaVA's `mm_*` ones."""
+    meta = ("architectures", "model_type", "transformers_version", "dtype")
+    return {
+        **{k: v for k, v in text_config.to_dict().items() if k not in meta},
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava_llama",
-        "torch_dtype": "float32",
-        "mm_vision_tower": str((out / "clip").resolve()),
+        ("dtype" if saved_by == "transformers5" else "torch_dtype"): dtype,  # the key each version writes
+        "mm_vision_tower": str(clip.resolve()),
         "mm_hidden_size": vision_hidden,
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
@@ -231,6 +262,3 @@ def make_tiny_original(
         "tokenizer_model_max_length": 2048,
         "tokenizer_padding_side": "right",
     }
-    (llava / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    tokenizer.save_pretrained(llava)
-    return llava

@@ -28,7 +28,7 @@ def test_vicuna_v1_string_is_llava_15s(tiny_processor):
     assert (
         r.text == f"{SYSTEM} USER: <image>\nWhat colour is the shape? ASSISTANT: red</s>USER: Is there a star? ASSISTANT: no</s>"
     )
-    assert supervised_text(r) == ["red</s>", "no</s>"]
+    assert supervised_text(r) == [" red</s>", " no</s>"]  # the space after ASSISTANT: is the first output
     assert [r.text[a:b] for a, b in r.questions] == ["<image>\nWhat colour is the shape?", "Is there a star?"]
     assert r.round_ends == (r.text.index("red</s>") + len("red</s>"), len(r.text))
 
@@ -58,7 +58,7 @@ def test_chat_template_adds_the_eos_llava_hf_omits(tiny_processor):
     """llava-hf's template writes no `</s>` after answers; training adds it, or the model never learns to stop."""
     r = render(TWO_ROUNDS, "chat_template", tiny_processor.tokenizer)
     assert r.text == "USER: <image>\nWhat colour is the shape? ASSISTANT: red</s>USER: Is there a star? ASSISTANT: no</s>"
-    assert supervised_text(r) == ["red</s>", "no</s>"]
+    assert supervised_text(r) == [" red</s>", " no</s>"]  # the space after ASSISTANT: is the first output
     prompt = generation_prompt([("user", "<image>\nWhat colour is the shape?")], "chat_template", tiny_processor.tokenizer)
     assert prompt == "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
