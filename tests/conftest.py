@@ -6,10 +6,15 @@ that change files copy what they need first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,6 +134,37 @@ def qlora_run(session_dir, tiny_model, shapes) -> Path:
     out = session_dir / "runs" / "qlora"
     recipe = recipe_dict(tiny_model, shapes, out, model={"quantization": "nf4", "dtype": "bfloat16"})
     return train(parse_recipe(recipe))
+
+
+@pytest.fixture(scope="session")
+def lora_predictor(lora_run):
+    """The LoRA run loaded as `predict` loads it; shared, so tests must not change it."""
+    from lora_llava.inference import load_predictor
+
+    return load_predictor(lora_run)
+
+
+@contextlib.contextmanager
+def serving(app, timeout: float = 30) -> Iterator[str]:
+    """Run an ASGI app under a real uvicorn server on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here and handed over: no race for the port
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, input: str | None = None) -> subprocess.CompletedProcess:

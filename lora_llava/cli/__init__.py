@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-VERBS = ("train", "make_tiny", "convert", "check", "merge", "estimate", "predict", "chat", "eval", "demo")
+VERBS = ("train", "make_tiny", "convert", "check", "merge", "estimate", "predict", "chat", "eval", "serve", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
