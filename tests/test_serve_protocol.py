@@ -1,9 +1,10 @@
-"""The server's request parsing, image rules and streamed text, without a server."""
+"""The server's request parsing, image rules, streamed text and CLI errors, without a server."""
 
 from __future__ import annotations
 
 import base64
 import io
+import sys
 
 import pytest
 import torch
@@ -104,3 +105,29 @@ def test_streamed_deltas_join_to_the_final_answer(tiny_processor, stop):
     assert "".join(job.deltas) == final and len(job.deltas) >= 3
     assert not any("<" in d for d in job.deltas) and streamer.ended == [True]
     assert len(streamer.tokens[0]) == len(ids) and stopped == bool(stop)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model"], "--model: model folder /no/such/model not found"),
+        (["--model", "MODEL", "--image-root", "/no/such/folder"], "--image-root: /no/such/folder is not a folder"),
+        (["--image-root", "/tmp"], "--model: required"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tiny_model, capsys, args, message):
+    from lora_llava.cli import main
+
+    code = main(["serve", *(a.replace("MODEL", str(tiny_model)) for a in args)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [next(line for line in err if message in line)] and err[0].startswith("lora-llava serve: error:")
+
+
+def test_missing_extras_name_the_install_command(capsys, monkeypatch):
+    from lora_llava.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "lora_llava.serve.app", raising=False)
+    assert main(["serve", "--model", "whatever"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'lora-llava[serve]'" in err[0]

@@ -124,21 +124,25 @@ def create_app(engine: Engine, model_name: str, options: ServeOptions = ServeOpt
         chat = await run_in_threadpool(parse_chat, body, images)  # images decode off the event loop
         if chat.model is not None and chat.model != model_name:
             raise ApiError(f"model {chat.model!r} not found; this server serves {model_name!r}", 404, "model", "model_not_found")
-        job = engine.submit(chat)
-        kind, value = await job.next()
-        if kind == "error":  # the prompt did not fit: refused before any byte of an answer
-            raise value
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        if chat.stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies must not hold the events back
-            return StreamingResponse(_stream(job, meta, chat.include_usage), media_type="text/event-stream", headers=headers)
-        while kind != "done":
-            kind, value = await job.next()
-            if kind == "error":
-                raise value
-        return _completion(meta, value)
+        return await _answer(engine.submit(chat), chat.stream, chat.include_usage, model_name)
 
     return app
+
+
+async def _answer(job: Job, stream: bool, include_usage: bool, model_name: str):
+    """The completion of a queued job, whole or as server-sent events."""
+    kind, value = await job.next()
+    if kind == "error":  # the prompt did not fit: refused before any byte of an answer
+        raise value
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+    if stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies must not hold the events back
+        return StreamingResponse(_stream(job, meta, include_usage), media_type="text/event-stream", headers=headers)
+    while kind != "done":
+        kind, value = await job.next()
+        if kind == "error":
+            raise value
+    return _completion(meta, value)
 
 
 def _completion(meta: dict, done: Completion) -> dict:
