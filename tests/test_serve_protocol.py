@@ -113,6 +113,7 @@ def test_streamed_deltas_join_to_the_final_answer(tiny_processor, stop):
         (["--model", "/no/such/model"], "--model: model folder /no/such/model not found"),
         (["--model", "MODEL", "--image-root", "/no/such/folder"], "--image-root: /no/such/folder is not a folder"),
         (["--image-root", "/tmp"], "--model: required"),
+        (["--model", "MODEL", "--queue-size", "0"], "--queue-size: must be at least 1, got 0"),
     ],
 )
 def test_cli_user_errors_are_one_line(tiny_model, capsys, args, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import LoraLlavaError
 from .predict import add_model_args
 
 API_KEY_ENV = "LORA_LLAVA_API_KEY"
@@ -28,8 +29,6 @@ def register(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..errors import LoraLlavaError
-
     # Imported here, not at the top: building the parser imports every verb's module, and the
     # server's packages are an optional extra that the other verbs must not need.
     from ..serve.app import ServeOptions, serve

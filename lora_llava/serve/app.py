@@ -68,6 +68,13 @@ class ServeOptions:
             raise LoraLlavaError(f"--image-root: {self.image_root} is not a folder")
         if not 0 <= self.port <= 65535:
             raise LoraLlavaError(f"--port: {self.port} is not a port number (0-65535)")
+        for flag, value in (
+            ("--max-batch", self.max_batch),
+            ("--queue-size", self.queue_size),
+            ("--max-tokens", self.max_tokens),
+        ):
+            if value < 1:
+                raise LoraLlavaError(f"{flag}: must be at least 1, got {value}")
 
 
 def serve(model: str, options: ServeOptions, **load: Any) -> None:
