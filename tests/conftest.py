@@ -95,6 +95,14 @@ def qlora_run(session_dir, tiny_model, shapes) -> Path:
     return train(parse_recipe(recipe))
 
 
+@pytest.fixture(scope="session")
+def lora_predictor(lora_run):
+    """The LoRA run loaded as `predict` loads it; shared, so tests must not change it."""
+    from lora_llava.evaluate.generate import load_predictor
+
+    return load_predictor(lora_run)
+
+
 
 
 # What makes a test end-to-end: it trains, merges, runs the demo or the CLI in a subprocess, itself or through

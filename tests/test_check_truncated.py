@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.helpers import recipe_dict, run_cli, write_recipe
 from PIL import Image
+
+from tests.helpers import recipe_dict, run_cli, write_recipe
 
 ROUND = [{"from": "human", "value": "What colour is the shape?"}, {"from": "gpt", "value": "red " * 8}]
 

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-VERBS = ("train", "recipe", "check", "estimate", "merge", "predict", "chat", "eval", "demo", "make_tiny", "convert")
+VERBS = ("train", "recipe", "check", "estimate", "merge", "predict", "chat", "eval", "serve", "demo", "make_tiny", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ class Request:
 
     turns: tuple[tuple[str, str], ...]
     images: tuple[Image.Image, ...] = ()
+    system: str | None = None  # replaces the predictor's system prompt (an API client's system message)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Predictor:
 
     def prompt_ids(self, request: Request) -> list[int]:
         """Token ids of the generation prompt, image tags expanded, exactly as training encodes them."""
-        text = generation_prompt(list(request.turns), self.template, self.processor.tokenizer, self.system_prompt)
+        system = request.system if request.system is not None else self.system_prompt
+        text = generation_prompt(list(request.turns), self.template, self.processor.tokenizer, system)
         tags = text.count(IMAGE_TAG)
         if tags != len(request.images):
             raise DataError(f"the prompt has {tags} {IMAGE_TAG} tag(s) for {len(request.images)} image(s)")
@@ -93,7 +95,7 @@ class Predictor:
             torch.manual_seed(sampling.seed)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            texts = self._generate_batch([ids[i] for i in chunk], [requests[i].images for i in chunk], sampling)
+            texts = self.generate_ids([ids[i] for i in chunk], [requests[i].images for i in chunk], sampling)
             for i, text in zip(chunk, texts):
                 answers[i] = text
         return answers
@@ -104,7 +106,13 @@ class Predictor:
         return self.generate([Request((("user", user_text(prompt, len(opened))),), opened)], sampling)[0]
 
     @torch.inference_mode()
-    def _generate_batch(self, ids: list[list[int]], images: list[tuple[Image.Image, ...]], sampling: Sampling) -> list[str]:
+    def generate_ids(
+        self, ids: list[list[int]], images: list[tuple[Image.Image, ...]], sampling: Sampling, streamer: Any = None
+    ) -> list[str]:
+        """Answers to prompts already encoded by `prompt_ids`, as one left-padded batch in the given order.
+
+        `streamer` (a transformers `BaseStreamer`) gets the prompt ids, then each step's new token of every row.
+        """
         tok = self.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # masked out either way
         longest = max(len(x) for x in ids)
@@ -129,6 +137,7 @@ class Predictor:
             eos_token_id=tok.eos_token_id,
             pad_token_id=pad,
             use_cache=True,  # training switches the cache off in the config
+            streamer=streamer,
         )
         texts = [tok.decode(row, skip_special_tokens=True) for row in out[:, longest:]]
         # An untrained model can spell the image placeholder; it is no answer, and kept in a chat's

@@ -26,12 +26,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from tests.llama_like import llama_like_tokenizer
 from PIL import Image
 
 from lora_llava.data.encode import IGNORE_INDEX, encode, tokenize
 from lora_llava.data.formats import Sample
 from lora_llava.data.templates import VICUNA_SYSTEM, render
+from tests.llama_like import llama_like_tokenizer
 
 IMAGE = "<image>"
 
