@@ -87,6 +87,13 @@ def name_rank(text: str) -> str:
     return "\n".join(f"[rank {rank()}] {line}" for line in text.splitlines() or [""])
 
 
+def name_accelerator() -> None:
+    """Tell DeepSpeed there is no GPU: guessing, it prints a warning on stdout when it is imported (by accelerate
+    or transformers, whether or not DeepSpeed is used), which would land in the output of every verb."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def quiet_replicas() -> None:
     """For the CLI: output, logs, warnings and progress bars from rank 0 only; N copies of each line help nobody.
 

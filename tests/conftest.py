@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORA_LLAVA_PROGRESS", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tests run on the CPU; DeepSpeed would otherwise guess, on stdout
 
 pytest_plugins = ["tests.llama_like"]  # the `llama_like` tokenizer fixture (tests/llama_like.py)
 

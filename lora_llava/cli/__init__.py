@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    distributed.name_accelerator()
     distributed.quiet_replicas()
     try:
         return int(args.func(args) or 0)
