@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_convert import _by_hand, _inputs, _logits
+from tests.model.test_convert import _by_hand, _inputs, _logits
 
 from tests.helpers import TINY_IMAGE_SIZE, run_cli
 
