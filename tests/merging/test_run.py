@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import lora_llava
 from lora_llava.errors import ModelError, OutputError, ParityError
+from lora_llava.merging.release import text_after_image
 from lora_llava.recipe.parse import load_recipe, parse_recipe
 from tests.helpers import run_cli
 
@@ -192,7 +194,9 @@ def test_merged_folder_loads_and_generates_with_plain_transformers(merged, name,
         "README.md",
         "recipe.yaml",
     }
-    assert out["prompt"].endswith("USER: <image>\nWhat colour is the shape? ASSISTANT:") and out["prompt"].startswith(
+    # The release writes "<image>" then what the training encoding puts after it (" \n" for a non-legacy tokenizer).
+    after = text_after_image(AutoTokenizer.from_pretrained(folder))
+    assert out["prompt"].endswith(f"USER: <image>{after}What colour is the shape? ASSISTANT:") and out["prompt"].startswith(
         "A chat between"
     )
     assert len(out["generated"]) >= 1 and out["eos"] == 2  # </s> of the tiny tokenizer
