@@ -91,7 +91,8 @@ class LlavaTrainer(Trainer):
         if self.lengths is None:
             return super()._get_train_sampler(train_dataset)
         a = self.args
-        megabatch = self.recipe.train.global_batch(a.world_size)
+        # The global batch as the Trainer counts it (= recipe.train.global_batch(world_size)).
+        megabatch = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         return ModalityLengthSampler(self.lengths, megabatch, seed=a.data_seed if a.data_seed is not None else a.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
