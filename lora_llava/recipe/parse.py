@@ -314,5 +314,3 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe (every default filled in) so a run can be reproduced; never seen half-written."""
     atomic_write_text(Path(path), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-

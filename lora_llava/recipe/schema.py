@@ -142,7 +142,9 @@ class TrainConfig:
         2e-4, "Learning rate of the LoRA weights (LLaVA-1.5: 2e-4), or of the projector in stage align (1e-3).", gt=0, max=1
     )
     batch_size: int = _f(16, "Samples per device per forward pass.", gt=0, max=1_000_000)
-    grad_accum: int = _f(1, "Gradient accumulation steps; global batch = batch_size x grad_accum x world size.", gt=0, max=1_000_000)
+    grad_accum: int = _f(
+        1, "Gradient accumulation steps; global batch = batch_size x grad_accum x world size.", gt=0, max=1_000_000
+    )
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
         "cosine", "Learning-rate schedule (LLaVA-1.5: cosine)."
     )

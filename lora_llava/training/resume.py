@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import OutputError, TrainingError
+from ..model.load import refused_pickle
 from ..recipe.parse import dump_recipe, recipe_to_dict
 from ..recipe.schema import Recipe
 from ..runs import CHECKPOINT, FINAL_STAGING, STAGING, RunPaths, checkpoint_problem, truncate_metrics
@@ -160,21 +161,8 @@ def refused_pickles_name_the_file(checkpoint: str | None) -> Iterator[None]:
     try:
         yield
     except pickle.UnpicklingError:
-        culprit = _refused_file(Path(checkpoint)) if checkpoint else None
+        culprit = refused_pickle(sorted(Path(checkpoint).rglob("*"))) if checkpoint else None
         raise TrainingError(
-            f"{culprit or checkpoint}: holds pickled Python objects, not only tensors, and was not loaded "
-            "(nothing in it ran); resume from a checkpoint you trust"
+            f"{culprit or checkpoint}: holds pickled Python objects, not only tensors, and was refused (nothing in it "
+            "ran); resume from a checkpoint you trust"
         ) from None
-
-
-def _refused_file(checkpoint: Path) -> Path | None:
-    import torch
-
-    for p in sorted((p for p in checkpoint.rglob("*") if p.suffix in (".pt", ".pth", ".bin")), key=lambda p: p.stat().st_size):
-        try:
-            torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            return p
-        except Exception:  # noqa: BLE001 - any other failure is not the refused pickle being looked for
-            continue
-    return None

@@ -123,12 +123,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=lambda b: collate(b, processor.tokenizer.pad_token_id),
-        callbacks=[
-            MetricsCallback(paths.metrics),
-            StopOnNonFiniteWeights(),
-            stop := StopOnSignal(),
-            *eval_callbacks(recipe, processor, paths.metrics),
-        ],
+        callbacks=[MetricsCallback(paths.metrics), StopOnNonFiniteWeights(), stop := StopOnSignal()]
+        + eval_callbacks(recipe, processor, paths.metrics),
         recipe=recipe,
         lengths=train_ds.modality_lengths() if recipe.group_by_modality_length else None,
     )

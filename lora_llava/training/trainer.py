@@ -139,5 +139,3 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
-
-
