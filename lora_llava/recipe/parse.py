@@ -125,8 +125,10 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
+            before = len(problems)
             value = _convert(raw[name], hints[name], prefix + name, problems)
-            _check_value(value, f.metadata, prefix + name, problems)
+            if len(problems) == before:  # a value of the wrong type has said so already
+                _check_value(value, f.metadata, prefix + name, problems)
             kwargs[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{prefix}{name}: required key is missing")
