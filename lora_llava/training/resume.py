@@ -161,7 +161,10 @@ def refused_pickles_name_the_file(checkpoint: str | None) -> Iterator[None]:
     try:
         yield
     except pickle.UnpicklingError:
-        culprit = refused_pickle(sorted(Path(checkpoint).rglob("*"))) if checkpoint else None
+        from transformers.trainer_pt_utils import safe_globals
+
+        with safe_globals():  # the numpy types the Trainer itself allows in RNG states
+            culprit = refused_pickle(sorted(Path(checkpoint).rglob("*"))) if checkpoint else None
         raise TrainingError(
             f"{culprit or checkpoint}: holds pickled Python objects, not only tensors, and was refused (nothing in it "
             "ran); resume from a checkpoint you trust"
