@@ -169,15 +169,18 @@ def save_outputs(model, processor, recipe: Recipe, paths: RunPaths, state_dict: 
     # leaves a half-written adapter that looks like a finished run.
     staging = paths.root / FINAL_STAGING
     try:
-        _write_outputs(model, processor, recipe, paths, staging, state_dict)
+        _stage_outputs(model, processor, recipe, paths, staging, state_dict)
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
         shutil.rmtree(staging, ignore_errors=True)
         raise no_space("the final adapter" if recipe.stage == "instruct" else "the projector", paths.root, paths.root) from None
+    move_into(staging, paths.root, last="config.json")
+    dump_recipe(recipe, paths.recipe)
+    plot_run(read_metrics(paths.metrics), paths.loss_plot, title=f"{recipe.stage}: {recipe.model.name_or_path or 'composed'}")
 
 
-def _write_outputs(model, processor, recipe: Recipe, paths: RunPaths, staging: Path, state_dict: dict | None) -> None:
+def _stage_outputs(model, processor, recipe: Recipe, paths: RunPaths, staging: Path, state_dict: dict | None) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     if recipe.stage == "align":
@@ -189,6 +192,3 @@ def _write_outputs(model, processor, recipe: Recipe, paths: RunPaths, staging: P
     else:
         model.save_pretrained(staging, state_dict=state_dict)
     processor.save_pretrained(staging)
-    move_into(staging, paths.root, last="config.json")
-    dump_recipe(recipe, paths.recipe)
-    plot_run(read_metrics(paths.metrics), paths.loss_plot, title=f"{recipe.stage}: {recipe.model.name_or_path or 'composed'}")

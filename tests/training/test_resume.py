@@ -313,3 +313,22 @@ def test_the_final_save_refuses_non_finite_weights(tmp_path):
     with pytest.raises(TrainingError, match="non-finite at step 6.*no checkpoint had been saved yet"):
         save_outputs(None, None, None, RunPaths(tmp_path), state_dict=state, step=6)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_the_final_save_leaves_no_half_adapter(tmp_path, tiny_model, shapes):
+    from lora_llava.errors import TrainingError
+    from lora_llava.recipe.parse import parse_recipe
+    from lora_llava.runs import RunPaths
+    from lora_llava.training.run import save_outputs
+
+    class FillsTheDisk(torch.nn.Linear):
+        def save_pretrained(self, folder, state_dict=None):
+            (Path(folder) / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # part written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    recipe = parse_recipe(_recipe(tiny_model, shapes, tmp_path))
+    with pytest.raises(TrainingError) as e:
+        save_outputs(FillsTheDisk(2, 2), None, recipe, RunPaths(tmp_path), step=6)
+    assert str(e.value).startswith(f"no space left on device while saving the final adapter in {tmp_path}: ")
+    assert "no checkpoint had been saved yet" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
