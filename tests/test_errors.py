@@ -102,3 +102,21 @@ def test_move_into_puts_configs_last_and_atomic_write_text(tmp_path):
     atomic_write_text(root / "recipe.yaml", "a: 2\n")
     assert (root / "recipe.yaml").read_text() == "a: 2\n"
     assert sorted(p.name for p in root.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "recipe.yaml"]
+
+
+@pytest.mark.parametrize(
+    "errno_, expected", [(28, "error: no space left on device writing /data/run/x.bin"), (5, "internal error")]
+)
+def test_a_full_disk_is_one_line_not_an_internal_error(monkeypatch, capsys, errno_, expected):
+    """ENOSPC from anywhere (a library writing a file) is the machine's state; other OSErrors stay bugs to report."""
+    import os
+
+    from lora_llava.cli import main, recipe
+
+    def fails(args):
+        raise OSError(errno_, os.strerror(errno_), "/data/run/x.bin")
+
+    monkeypatch.setattr(recipe, "run", fails)
+    assert main(["recipe"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err

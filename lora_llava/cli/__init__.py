@@ -8,6 +8,7 @@ line and exit 2 (input / usage) or 1 (run time); `--debug` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .. import distributed
-    from ..errors import LoraLlavaError, describe
+    from ..errors import LoraLlavaError
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -62,8 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, or an environment problem: one line unless --debug
         if debug:
             raise
-        line = f"lora-llava {args.verb}: internal error: {describe(e)} (run again with --debug for the traceback)"
-        print(distributed.name_rank(line), file=sys.stderr)
+        print(distributed.name_rank(_unexpected(args.verb, e)), file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()  # a rank that leaves the group lets the launcher stop the others instead of leaving them waiting
+
+
+def _unexpected(verb: str, e: Exception) -> str:
+    """The line for an exception no lora-llava code raised: a full disk is the machine's state, anything else a bug."""
+    from ..errors import describe
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"lora-llava {verb}: error: no space left on device{where}; free some space and run the command again"
+    return f"lora-llava {verb}: internal error: {describe(e)} (run again with --debug for the traceback)"

@@ -45,7 +45,7 @@ class ImageResolver:
         self.folder = os.path.abspath(folder)
         self.root = os.path.realpath(folder)
         self.allow_outside = allow_outside
-        self._dirs: dict[str, tuple[str, dict[str, bool]] | None] = {}
+        self._dirs: dict[str, tuple[str, dict[str, bool]] | str | None] = {}
 
     def resolve(self, ref: str, sample_id: str, must_exist: bool = True) -> Path:
         """The full path of `ref`; raises `SampleError` (path escapes image folder, missing image)."""
@@ -76,24 +76,32 @@ class ImageResolver:
     def _check_file(self, full: str, ref: str, sample_id: str) -> None:
         directory, name = os.path.split(full)
         listing = self._listing(directory)
+        if isinstance(listing, str):
+            raise SampleError(sample_id, MISSING_IMAGE, f"image {ref!r}: cannot read folder {directory} ({listing})")
         if listing is None or name not in listing[1]:
             raise SampleError(sample_id, MISSING_IMAGE, f"image {ref!r} not found in {self.folder}")
-        if self.allow_outside:
-            return
         real_dir, entries = listing
-        target = os.path.realpath(full) if entries[name] else os.path.join(real_dir, name)
-        if not _inside(target, self.root):
+        if entries[name]:
+            try:
+                target = os.path.realpath(full, strict=True)
+            except OSError as e:  # a loop of links, or a link to nothing
+                raise SampleError(sample_id, MISSING_IMAGE, f"image {ref!r}: a broken symlink ({e.strerror})") from None
+        else:
+            target = os.path.join(real_dir, name)
+        if not self.allow_outside and not _inside(target, self.root):
             raise self._escapes(ref, sample_id, "is a symlink out of")
 
-    def _listing(self, directory: str) -> tuple[str, dict[str, bool]] | None:
-        """(real path, {name: is_symlink}) of a directory, read once; None if it does not exist."""
+    def _listing(self, directory: str) -> tuple[str, dict[str, bool]] | str | None:
+        """(real path, {name: is_symlink}) of a directory, read once; None if it does not exist, else why not readable."""
         if directory not in self._dirs:
             try:
                 with os.scandir(directory) as it:
                     entries = {e.name: e.is_symlink() for e in it}
                 self._dirs[directory] = (os.path.realpath(directory), entries)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+            except (FileNotFoundError, NotADirectoryError):
                 self._dirs[directory] = None
+            except OSError as e:  # no permission, a symlink loop
+                self._dirs[directory] = e.strerror or type(e).__name__
         return self._dirs[directory]
 
 

@@ -71,9 +71,13 @@ def _read_lines(raw: bytes, path: str | Path, visit) -> RecordStore:
     for n, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {n}: not UTF-8 text ({e.reason} at byte {pos + e.start})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {n}: JSON nested too deeply") from None
             if visit is not None:
                 visit(len(spans), record)
             spans.append((pos, pos + len(line)))
@@ -85,7 +89,8 @@ def _read_list(raw: bytes, path: str | Path, visit) -> RecordStore:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     decoder = json.JSONDecoder()
     pos = _SEP.match(text, 0).end()
     if not text.startswith("[", pos):
@@ -102,6 +107,9 @@ def _read_list(raw: bytes, path: str | Path, visit) -> RecordStore:
     except (json.JSONDecodeError, IndexError) as e:
         line = text.count("\n", 0, getattr(e, "pos", pos)) + 1
         raise DataError(f"{path}: invalid JSON at line {line} ({getattr(e, 'msg', 'unexpected end of file')})") from None
+    except RecursionError:
+        line = text.count("\n", 0, pos) + 1
+        raise DataError(f"{path}: invalid JSON at line {line} (nested too deeply)") from None
     if text.isascii():  # character offsets are byte offsets: keep the file's bytes as they are
         return _store(raw[len(raw) - len(text) :], spans)
     parts = [text[a:b].encode("utf-8") for a, b in spans]

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ModelError, first_line
 from ..recipe.schema import ModelConfig
-from .load import check_source, freeze_for_training, load_model, load_processor, loading_kwargs, resolve_dtype
+from .load import check_source, freeze_for_training, load_model, load_processor, loading_kwargs, pickles_named, resolve_dtype
 from .processor import llava_processor
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
@@ -89,7 +89,7 @@ def load_vision_tower(source: str, dtype: torch.dtype, trust_remote_code: bool =
         raise ModelError(
             f"{key}: {source} is a {kind!r} checkpoint; LLaVA-1.5 uses a CLIP vision tower (clip or clip_vision_model)"
         )
-    with quiet_transformers():
+    with quiet_transformers(), pickles_named(src, key):
         tower, info = CLIPVisionModel.from_pretrained(src, dtype=dtype, output_loading_info=True)
     if info["missing_keys"]:
         raise ModelError(f"{key}: {source} lacks vision weights ({sorted(info['missing_keys'])[:3]} ...)")
@@ -107,7 +107,7 @@ def load_language_model(source: str, dtype: torch.dtype, trust_remote_code: bool
         raise ModelError(f"{key}: {source} is a {kind!r} checkpoint, not a language model")
     tokenizer = load_tokenizer(src, key, trust_remote_code)  # before the weights: it fails faster
     try:
-        with quiet_transformers():
+        with quiet_transformers(), pickles_named(src, key):
             llm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key}: cannot load {source} ({first_line(e)})") from None

@@ -9,7 +9,10 @@ because any user list replaces the automatic lm_head skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +45,34 @@ def check_source(name_or_path: str, key: str = "model.name_or_path") -> str:
     if looks_local:
         raise ModelError(f"{key}: model folder {name_or_path} not found")
     return name_or_path
+
+
+def refused_pickle(files: Iterable[Path]) -> Path | None:
+    """The first torch file that `torch.load(weights_only=True)` refuses; memory-mapped, so only its structure is read."""
+    for p in files:
+        if p.suffix not in (".bin", ".pt", ".pth") or not p.is_file():
+            continue
+        try:
+            torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            return p
+        except Exception:  # noqa: BLE001 - another failure is not the refused pickle being looked for
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def pickles_named(folder: str | Path, key: str) -> Iterator[None]:
+    """transformers reads pytorch_model.bin with `weights_only=True`; a pickle it refuses becomes one line naming the file."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        p = Path(folder)
+        culprit = refused_pickle(sorted(p.rglob("*"), key=lambda f: f.name)) if p.is_dir() else None
+        raise ModelError(
+            f"{key}: {culprit or folder} holds pickled Python objects, not only tensors, and was refused (nothing in it "
+            "ran); use safetensors weights"
+        ) from None
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
@@ -108,7 +139,8 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     src = check_source(name_or_path or cfg.name_or_path)
     kwargs = dict(loading_kwargs(cfg), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+        with pickles_named(src, "model.name_or_path"):
+            model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load {src} ({first_line(e)})") from None
     except ValueError as e:

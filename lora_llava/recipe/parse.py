@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -18,9 +20,15 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from ..errors import RecipeError
+from ..io import atomic_write_text
 from .schema import LLM_LINEAR_LAYERS, SYNONYMS, Recipe, _type_name
 
 # ----------------------------------------------------------------------------- parsing
+
+# Values in messages are shortened: a recipe may hold a huge or deeply nested value where a number was meant.
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 2, 80, 80, 4, 4
+_show = _short.repr
 
 
 def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
@@ -38,31 +46,31 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             out = _convert(value, a, path, sub)
             if not sub:
                 return out
-        problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
         return None
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.append(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}{extra}")
+            problems.append(f"{path}: {_show(value)} is not one of {', '.join(repr(a) for a in allowed)}{extra}")
         return value
     if origin is tuple:
         if value is None:
             value = []
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{path}: expected a list, got {value!r}")
+            problems.append(f"{path}: expected a list, got {_show(value)}")
             return ()
         return tuple(_convert(v, get_args(tp)[0], f"{path}.{i}", problems) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, problems)
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append(f"{path}: expected true/false, got {value!r}")
+            problems.append(f"{path}: expected true/false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {value!r}")
+            problems.append(f"{path}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
         # YAML reads `2e-5` (no dot) as a string; accept it as the number it means.
@@ -72,12 +80,12 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {value!r}")
+            problems.append(f"{path}: expected a number, got {_show(value)}")
             return value
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {value!r}")
+            problems.append(f"{path}: expected a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp}")  # a bug in this module, not in a recipe
 
@@ -85,18 +93,23 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
 def _check_value(value: Any, meta: dict, path: str, problems: list[str]) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
+    if not math.isfinite(value):  # YAML's .nan / .inf, or 'nan' / '1e999' read as numbers
+        problems.append(f"{path}: must be a finite number, got {_show(value)}")
+        return
     if "gt" in meta and not value > meta["gt"]:
-        problems.append(f"{path}: must be greater than {meta['gt']}, got {value!r}")
+        problems.append(f"{path}: must be greater than {meta['gt']}, got {_show(value)}")
     if "min" in meta and value < meta["min"]:
-        problems.append(f"{path}: must be at least {meta['min']}, got {value!r}")
+        problems.append(f"{path}: must be at least {meta['min']}, got {_show(value)}")
+    if "lt" in meta and not value < meta["lt"]:
+        problems.append(f"{path}: must be less than {meta['lt']}, got {_show(value)}")
     if "max" in meta and value > meta["max"]:
-        problems.append(f"{path}: must be at most {meta['max']}, got {value!r}")
+        problems.append(f"{path}: must be at most {meta['max']}, got {_show(value)}")
 
 
 def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     prefix = f"{path}." if path else ""
     if not isinstance(raw, dict):
-        problems.append(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
+        problems.append(f"{path or 'recipe'}: expected a mapping, got {_show(raw)}")
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -112,8 +125,10 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
+            before = len(problems)
             value = _convert(raw[name], hints[name], prefix + name, problems)
-            _check_value(value, f.metadata, prefix + name, problems)
+            if len(problems) == before:  # a value of the wrong type has said so already
+                _check_value(value, f.metadata, prefix + name, problems)
             kwargs[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{prefix}{name}: required key is missing")
@@ -172,7 +187,7 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "<command lin
             problems.append(f"{item}: an override is key.path=value")
             continue
         try:
-            value = yaml.safe_load(text) if text != "" else None
+            value = load_yaml_text(text) if text != "" else None
         except yaml.YAMLError as e:
             problems.append(f"{key}: value {text!r} is not valid YAML ({e.problem})")
             continue
@@ -195,11 +210,67 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "<command lin
                 else:
                     node = node.setdefault(part, {})
             else:
-                problems.append(f"{where}: cannot set a key inside {node!r}")
+                problems.append(f"{where}: cannot set a key inside {_show(node)}")
                 break
     if problems:
         raise RecipeError(source, problems)
     return raw
+
+
+MAX_DEPTH = 50  # a recipe nests four levels deep; far more is a broken or hostile file
+
+
+class _RecipeYAMLError(yaml.MarkedYAMLError):
+    """A YAML document that parses but that a recipe must not be: duplicate keys, absurd nesting."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """The safe loader, refusing duplicate mapping keys (PyYAML keeps the last silently) and absurd nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _RecipeYAMLError(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then a key of its own is an override, not a duplicate
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it
+            if seen:
+                problem = f"duplicate key {_show(key)} (first at line {first[key] + 1})"
+                raise _RecipeYAMLError(problem=problem, problem_mark=key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """One YAML document read with `RecipeLoader`."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _decode(raw: bytes, path: str | Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(str(path), [f"line {line}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -208,7 +279,16 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise RecipeError(str(path), ["file not found"])
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = _decode(p.read_bytes(), path)
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
+    try:
+        return load_yaml_text(text) or {}
+    except _RecipeYAMLError as e:
+        raise RecipeError(str(path), [f"line {e.problem_mark.line + 1}: {e.problem}"]) from None
+    except yaml.reader.ReaderError as e:  # a control character: binary data, not a text file
+        line = text.count("\n", 0, e.position) + 1
+        raise RecipeError(str(path), [f"line {line}: not a text file (character #x{e.character:04x})"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
@@ -234,7 +314,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe (every default filled in) so a run can be reproduced."""
-    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
-
-
+    """Write the resolved recipe (every default filled in) so a run can be reproduced; never seen half-written."""
+    atomic_write_text(Path(path), yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

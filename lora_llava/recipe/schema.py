@@ -29,8 +29,12 @@ SYNONYMS = {
 LLM_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Far beyond any real run, yet small enough that a typo (an extra zero, 1e9 for 1e-9) is caught.
+MAX_COUNT = 10**9
+
+
 def _f(default: Any = dataclasses.MISSING, help: str = "", **checks: Any) -> Any:
-    """A dataclass field with help text and simple value checks (min, gt, max)."""
+    """A dataclass field with help text and value checks (gt, min, lt, max); every number must also be finite."""
     meta = {"help": help, **checks}
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults")
@@ -59,9 +63,9 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    r: int = _f(128, "LoRA rank (LLaVA-1.5: 128).", gt=0)
-    alpha: float = _f(256, "LoRA alpha (LLaVA-1.5: 256).", gt=0)
-    dropout: float = _f(0.05, "LoRA dropout (LLaVA-1.5: 0.05).", min=0, max=1)
+    r: int = _f(128, "LoRA rank (LLaVA-1.5: 128); at most the smallest size of a layer it adapts.", gt=0, max=65536)
+    alpha: float = _f(256, "LoRA alpha (LLaVA-1.5: 256).", gt=0, max=65536)
+    dropout: float = _f(0.05, "LoRA dropout (LLaVA-1.5: 0.05); 1 would drop every input.", min=0, lt=1)
     target_modules: tuple[str, ...] = _f(
         LLM_LINEAR_LAYERS, "Linear layers of the language model that get adapters. Never the vision tower, projector or lm_head."
     )
@@ -73,6 +77,7 @@ class ProjectorConfig:
         2e-5,
         "Learning rate of the fully trained projector in stage 2 (LLaVA-1.5 mm_projector_lr: 2e-5); null: train.learning_rate.",
         gt=0,
+        max=1,
     )
     trainable: bool = _f(True, "Train the projector fully in stage 2 (LLaVA-1.5 does).")
 
@@ -85,9 +90,9 @@ class DatasetSpec:
         "auto", "auto: from the path (.json/.jsonl: read as JSON, LLaVA or chat layout per record; folder/.parquet/.arrow: hf)."
     )
     weight: float | None = _f(
-        None, "Sampling weight in a mixture: the dataset is repeated or subsampled to weight x its size.", gt=0
+        None, "Sampling weight in a mixture: the dataset is repeated or subsampled to weight x its size.", gt=0, max=1000
     )
-    max_samples: int | None = _f(None, "Use at most this many samples of the dataset.", gt=0)
+    max_samples: int | None = _f(None, "Use at most this many samples of the dataset.", gt=0, max=MAX_COUNT)
     response_suffix: str | None = _f(
         None, "Appended to each question, e.g. 'Answer the question using a single word or phrase.' for short-answer VQA."
     )
@@ -103,14 +108,14 @@ class DataConfig:
     system_prompt: str | None = _f(
         None, "System prompt for samples without one of their own (default: the template's; vicuna_v1, chat_template)."
     )
-    max_length: int = _f(2048, "Maximum tokens per sample, image tokens included; image tokens are never cut.", gt=0)
+    max_length: int = _f(2048, "Maximum tokens per sample, image tokens included; image tokens are never cut.", gt=0, max=2**20)
     image_aspect: Literal["pad", "crop"] = _f(
         "pad", "pad: pad to a square with the CLIP mean colour, then resize (LLaVA-1.5). crop: centre crop."
     )
     group_by_modality_length: bool | None = _f(
         None, "Batches of image-only or text-only samples of similar length. null: on for instruct, off for align."
     )
-    num_workers: int = _f(0, "DataLoader workers that decode images and tokenise.", min=0)
+    num_workers: int = _f(0, "DataLoader workers that decode images and tokenise.", min=0, max=1024)
     validate: Literal["full", "index"] = _f(
         "full",
         "Before training: full decodes every image and tokenises every sample (as `lora-llava check`, in num_workers "
@@ -131,19 +136,21 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     output_dir: str = _f(help="Run folder: adapter, checkpoints, resolved recipe, metrics, plots.")
-    epochs: float = _f(1.0, "Passes over the training data.", gt=0)
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", gt=0)
+    epochs: float = _f(1.0, "Passes over the training data.", gt=0, max=10_000)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", gt=0, max=MAX_COUNT)
     learning_rate: float = _f(
-        2e-4, "Learning rate of the LoRA weights (LLaVA-1.5: 2e-4), or of the projector in stage align (1e-3).", gt=0
+        2e-4, "Learning rate of the LoRA weights (LLaVA-1.5: 2e-4), or of the projector in stage align (1e-3).", gt=0, max=1
     )
-    batch_size: int = _f(16, "Samples per device per forward pass.", gt=0)
-    grad_accum: int = _f(1, "Gradient accumulation steps; global batch = batch_size x grad_accum x world size.", gt=0)
+    batch_size: int = _f(16, "Samples per device per forward pass.", gt=0, max=1_000_000)
+    grad_accum: int = _f(
+        1, "Gradient accumulation steps; global batch = batch_size x grad_accum x world size.", gt=0, max=1_000_000
+    )
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
         "cosine", "Learning-rate schedule (LLaVA-1.5: cosine)."
     )
-    warmup_ratio: float = _f(0.03, "Share of steps spent warming up (LLaVA-1.5: 0.03).", min=0, max=1)
-    weight_decay: float = _f(0.0, "AdamW weight decay (LLaVA-1.5: 0).", min=0)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns clipping off.", min=0)
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming up (LLaVA-1.5: 0.03).", min=0, lt=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay (LLaVA-1.5: 0).", min=0, max=1)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns clipping off.", min=0, max=1e6)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = _f(
         "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged AdamW."
     )
@@ -152,11 +159,11 @@ class TrainConfig:
         "chunked",
         "chunked: cross-entropy over lm_head in chunks, never the full fp32 logits (same loss). standard: the model's own loss.",
     )
-    logging_steps: int = _f(1, "Log the loss every N steps.", gt=0)
-    save_steps: int = _f(500, "Save a checkpoint every N steps.", gt=0)
-    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.", gt=0)
-    eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null: only at the end).", gt=0)
-    seed: int = _f(42, "Seed of initialisation, data order and dropout.")
+    logging_steps: int = _f(1, "Log the loss every N steps.", gt=0, max=MAX_COUNT)
+    save_steps: int = _f(500, "Save a checkpoint every N steps.", gt=0, max=MAX_COUNT)
+    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.", gt=0, max=MAX_COUNT)
+    eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null: only at the end).", gt=0, max=MAX_COUNT)
+    seed: int = _f(42, "Seed of initialisation, data order and dropout.", min=0, max=2**32 - 1)
     on_nonfinite: Literal["stop", "skip"] = _f(
         "stop",
         "A step with a non-finite loss or gradients: stop (the last good checkpoint stays), or skip the step and count it.",

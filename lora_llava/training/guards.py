@@ -6,16 +6,25 @@
 * A step whose gradients are not finite is never applied: the run stops
   naming the step (the last good checkpoint stays), or, with
   `train.on_nonfinite: skip`, the step is dropped and counted.
+* Weights that became non-finite anyway (finite gradients, an overflowing
+  update) stop the run at that step, before any save: no checkpoint or adapter
+  holds them. The final save checks the weights it writes once more.
+* A full disk while saving removes the partial save and says what was kept.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from ..errors import TrainingError
+from ..runs import RunPaths
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Interrupted(TrainingError):
@@ -67,12 +76,50 @@ class StopOnSignal(TrainerCallback):
         self._previous.clear()
 
 
+def all_finite(tensors) -> bool:
+    """True when every element of every tensor is finite (one reduction, no host sync per tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 def grads_finite(params: list[torch.Tensor]) -> bool:
-    """True when every gradient is finite (one reduction, no host sync per tensor)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    """True when every gradient is finite."""
+    return all_finite(p.grad for p in params)
+
+
+def kept(run_dir: Path) -> str:
+    """What a stopped run leaves to resume from, for its message."""
+    found = RunPaths(run_dir).checkpoints()
+    return f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint had been saved yet"
+
+
+def nonfinite_weights(step: int, run_dir: Path) -> TrainingError:
+    return TrainingError(
+        f"trained weights became non-finite at step {step} (their gradients were finite): training stopped and "
+        f"nothing was saved; {kept(run_dir)} (lower train.learning_rate, or check the data)"
+    )
+
+
+def no_space(what: str, folder: Path, run_dir: Path) -> TrainingError:
+    """The one line for a full disk while saving `what` into `folder`; the partial save is already removed."""
+    return TrainingError(
+        f"no space left on device while saving {what} in {folder}: the partial save was removed and {kept(run_dir)}; "
+        "free some space and run the same command again to resume"
+    )
+
+
+class StopOnNonFiniteWeights(TrainerCallback):
+    """After each optimizer step: trained weights that are not finite stop the run before anything saves them."""
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        from ..distributed import sum_over_ranks, world_size
+
+        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        bad = not all_finite(params)
+        if world_size() > 1:  # sharded optimizers hold different slices: every rank must stop together
+            bad = sum_over_ranks(int(bad), args.device) > 0
+        if bad:
+            raise nonfinite_weights(state.global_step, Path(args.output_dir))
 
 
 class StepGuard:

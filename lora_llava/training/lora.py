@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ModelError
 from ..model.projector import PROJECTOR_MODULE
 from ..recipe.schema import Recipe
 
@@ -48,6 +49,26 @@ def setup_instruct(model, recipe: Recipe):
             p.data = p.data.float()  # fp32 master weights for everything that trains
     check_trainable(peft_model, recipe)
     return peft_model
+
+
+def check_rank(model, recipe: Recipe) -> None:
+    """lora.r may not exceed the smaller size of any layer it adapts: beyond that rank the update cannot grow."""
+    if recipe.stage != "instruct":
+        return
+    pattern = re.compile(lora_target_regex(recipe.lora.target_modules))
+    sizes = {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if pattern.fullmatch(name) and hasattr(m, "in_features") and hasattr(m, "out_features")
+    }
+    if not sizes:
+        return
+    name, (fan_in, fan_out) = min(sizes.items(), key=lambda item: min(item[1]))
+    if recipe.lora.r > min(fan_in, fan_out):
+        raise ModelError(
+            f"lora.r: {recipe.lora.r} is larger than the {fan_in} x {fan_out} layer {name.rsplit('.', 1)[-1]} it adapts "
+            f"in {recipe.model.name_or_path or recipe.model.language_model}; use at most {min(fan_in, fan_out)}"
+        )
 
 
 def setup_align(model, recipe: Recipe):

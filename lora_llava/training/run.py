@@ -27,8 +27,8 @@ from ..model.load import resolve_dtype
 from ..recipe.parse import dump_recipe
 from ..recipe.schema import Recipe
 from ..runs import FINAL_STAGING, RunPaths, read_metrics
-from .guards import Interrupted, StopOnSignal
-from .lora import enable_checkpointing, param_report, setup_align, setup_instruct
+from .guards import NO_SPACE, Interrupted, StopOnNonFiniteWeights, StopOnSignal, all_finite, no_space, nonfinite_weights
+from .lora import check_rank, enable_checkpointing, param_report, setup_align, setup_instruct
 from .plots import plot_run
 from .resume import prepare_output_dir
 from .trainer import LlavaTrainer, MetricsCallback
@@ -96,6 +96,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     distributed.init()
     checkpoint = prepare_output_dir(out, recipe, overwrite=overwrite, resume=resume, create=False)
     model, processor = load_for_training(recipe)
+    check_rank(model, recipe)
     train_ds = build_dataset(recipe, processor)
     eval_ds = build_dataset(recipe, processor, recipe.data.eval) if recipe.data.eval else None
 
@@ -122,7 +123,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=lambda b: collate(b, processor.tokenizer.pad_token_id),
-        callbacks=[MetricsCallback(paths.metrics), stop := StopOnSignal(), *eval_callbacks(recipe, processor, paths.metrics)],
+        callbacks=[MetricsCallback(paths.metrics), StopOnNonFiniteWeights(), stop := StopOnSignal()]
+        + eval_callbacks(recipe, processor, paths.metrics),
         recipe=recipe,
         lengths=train_ds.modality_lengths() if recipe.group_by_modality_length else None,
     )
@@ -137,27 +139,48 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     distributed.dump_rank_state(trainer.model)
     if eval_ds is not None:
         trainer.evaluate()
-    skipped = distributed.sum_over_ranks(trainer.skipped_samples, args.device)
+    _report_skipped(trainer, args.device)
+
+    state_dict = distributed.gathered_state_dict(trainer)  # ZeRO-3 / FSDP: every rank helps gather the weights
+    if args.process_index == 0:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_outputs(model, processor, recipe, paths, state_dict, step=trainer.state.global_step)
+    distributed.barrier()  # when train() returns, on any rank, the run folder is complete
+    return out
+
+
+def _report_skipped(trainer, device) -> None:
+    skipped = distributed.sum_over_ranks(trainer.skipped_samples, device)
     if skipped:
         log.warning("%d sample(s) were skipped during training (see warnings above)", skipped)
     if getattr(trainer, "step_guard", None) and trainer.step_guard.skipped:
         log.warning("%d step(s) with non-finite gradients were skipped (train.on_nonfinite: skip)", trainer.step_guard.skipped)
 
-    state_dict = distributed.gathered_state_dict(trainer)  # ZeRO-3 / FSDP: every rank helps gather the weights
-    if args.process_index == 0:
-        save_outputs(trainer.accelerator.unwrap_model(trainer.model), processor, recipe, paths, state_dict)
-    distributed.barrier()  # when train() returns, on any rank, the run folder is complete
-    return out
 
-
-def save_outputs(model, processor, recipe: Recipe, paths: RunPaths, state_dict: dict | None = None) -> None:
+def save_outputs(model, processor, recipe: Recipe, paths: RunPaths, state_dict: dict | None = None, step: int = 0) -> None:
     """The adapter (PEFT format, projector inside) or the stage-1 projector, and the run's records.
 
     `state_dict`: the weights gathered from ranks that each hold a shard (ZeRO-3 / FSDP, stage instruct).
     """
+    trained = state_dict.values() if state_dict is not None else (p for p in model.parameters() if p.requires_grad)
+    if not all_finite(trained):
+        raise nonfinite_weights(step, paths.root)
     # Written into a staging folder and moved into place, so that a kill while saving never
     # leaves a half-written adapter that looks like a finished run.
     staging = paths.root / FINAL_STAGING
+    try:
+        _stage_outputs(model, processor, recipe, paths, staging, state_dict)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise no_space("the final adapter" if recipe.stage == "instruct" else "the projector", paths.root, paths.root) from None
+    move_into(staging, paths.root, last="config.json")
+    dump_recipe(recipe, paths.recipe)
+    plot_run(read_metrics(paths.metrics), paths.loss_plot, title=f"{recipe.stage}: {recipe.model.name_or_path or 'composed'}")
+
+
+def _stage_outputs(model, processor, recipe: Recipe, paths: RunPaths, staging: Path, state_dict: dict | None) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     if recipe.stage == "align":
@@ -169,6 +192,3 @@ def save_outputs(model, processor, recipe: Recipe, paths: RunPaths, state_dict: 
     else:
         model.save_pretrained(staging, state_dict=state_dict)
     processor.save_pretrained(staging)
-    move_into(staging, paths.root, last="config.json")
-    dump_recipe(recipe, paths.recipe)
-    plot_run(read_metrics(paths.metrics), paths.loss_plot, title=f"{recipe.stage}: {recipe.model.name_or_path or 'composed'}")

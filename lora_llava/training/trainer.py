@@ -20,10 +20,11 @@ from ..data.batching import ModalityLengthSampler
 from ..io import replace_dir
 from ..recipe.parse import dump_recipe
 from ..recipe.schema import Recipe
-from ..runs import STAGING, append_metrics
-from .guards import StepGuard
+from ..runs import STAGING, append_metrics, write_manifest
+from .guards import NO_SPACE, StepGuard, no_space
 from .lora import param_groups
 from .loss import causal_lm_loss, lm_head_sharded
+from .resume import refused_pickles_name_the_file
 
 
 def build_optimizer(groups: list[dict], name: str) -> torch.optim.Optimizer:
@@ -62,10 +63,20 @@ class LlavaTrainer(Trainer):
         """Write `checkpoint-<step>` into a staging folder, then rename it into place.
 
         A kill during the save leaves only the staging folder, which resumption
-        ignores and removes; the previous checkpoint stays whole.
+        ignores and removes; the previous checkpoint stays whole. So does a full
+        disk: the partial save is removed and the run stops saying so.
         """
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
+        try:
+            self._stage_checkpoint(model, trial, run_dir, name)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            raise no_space(name, run_dir, run_dir) from None
+
+    def _stage_checkpoint(self, model, trial, run_dir: Path, name: str) -> None:
         self._staging_root = run_dir / STAGING
         try:
             super()._save_checkpoint(model, trial)
@@ -78,10 +89,19 @@ class LlavaTrainer(Trainer):
             staged = run_dir / STAGING / name
             (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml says the same safely
             dump_recipe(self.recipe, staged / "recipe.yaml")
+            write_manifest(staged)  # last: it lists what every rank wrote
             # The same step may be saved again (a signal right after a scheduled save): replace it whole.
             replace_dir(staged, run_dir / name)
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+    def _load_rng_state(self, checkpoint):
+        with refused_pickles_name_the_file(checkpoint):
+            super()._load_rng_state(checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with refused_pickles_name_the_file(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
 
     def _get_output_dir(self, trial):
         staging = getattr(self, "_staging_root", None)
@@ -120,5 +140,3 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
-
-

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +161,174 @@ def test_non_finite_steps_stop_naming_the_step_or_are_skipped(tiny_model, shapes
         train(recipe)
         state = load_file(str(out / "adapter_model.safetensors"))
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def _interrupted_copy(reference: Path, out: Path) -> Path:
+    """The reference run as a kill right after its last checkpoint leaves it: checkpoints, recipe, metrics."""
+    out.mkdir(parents=True)
+    for name in ("recipe.yaml", "metrics.jsonl", "checkpoint-4", "checkpoint-6"):
+        src = reference / name
+        shutil.copytree(src, out / name) if src.is_dir() else shutil.copy(src, out / name)
+    return out
+
+
+def _damage(p: Path, how: str) -> None:
+    data = p.read_bytes()
+    if how == "truncate":
+        p.write_bytes(data[: len(data) // 2])
+    else:  # the same size, other bytes
+        p.write_bytes((bytes(range(255, -1, -1)) * (len(data) // 256 + 1))[: len(data)])
+
+
+STRUCTURED = (".json", ".safetensors", ".pt", ".pth", ".yaml")
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(reference, tiny_model, shapes, tmp_path, caplog):
+    """Each file of checkpoint-6 damaged in turn: the run continues from checkpoint-4 and ends as the uninterrupted one.
+
+    Alongside, the run folder's own records are torn as a kill or a full disk leaves them (the last line of
+    metrics.jsonl, an empty or half-written recipe.yaml): neither may block the resume.
+    """
+    from lora_llava.recipe.parse import parse_recipe
+    from lora_llava.training.run import train
+
+    files = sorted(p.name for p in (reference / "checkpoint-6").iterdir())
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(files)
+    for i, name in enumerate(files):
+        out = _interrupted_copy(reference, tmp_path / f"run-{i}")
+        how = "garbage" if name.endswith(STRUCTURED) and i % 2 else "truncate"
+        _damage(out / "checkpoint-6" / name, how)
+        damaged = (out / "checkpoint-6" / name).read_bytes()
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"step": 7, "lo')  # a kill mid-line
+        (out / "recipe.yaml").write_text(["", "stage: instruct\nmodel: {name_or_pa"][i % 2])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lora_llava"):
+            train(parse_recipe(_recipe(tiny_model, shapes, out)))
+        notices = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+        assert len(notices) == 1 and f"checkpoint-6 is damaged ({name}: " in notices[0], (name, how, notices)
+        assert notices[0].endswith("kept as damaged-checkpoint-6; resuming from checkpoint-4"), notices
+        _assert_same_adapter(reference, out)
+        assert (out / "damaged-checkpoint-6" / name).read_bytes() == damaged  # set aside, never deleted
+        assert sorted(_losses(out)) == list(range(1, STEPS + 1))
+
+
+def test_resume_to_a_damaged_checkpoint_is_one_line_naming_the_file(reference, tiny_model, shapes, tmp_path, capsys):
+    from lora_llava.cli import main
+
+    out = _interrupted_copy(reference, tmp_path / "run")
+    recipe = write_recipe(tmp_path / "recipe.yaml", _recipe(tiny_model, shapes, out))
+    _damage(out / "checkpoint-4" / "optimizer.pt", "truncate")
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["train", str(recipe), "--resume", str(out / "checkpoint-4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lora-llava train: error: --resume: "), err
+    assert f"{out / 'checkpoint-4'} is not a complete checkpoint (optimizer.pt: " in err[0] and "truncated" in err[0]
+    assert sorted(p.name for p in out.rglob("*")) == before  # refused before anything changed
+
+
+def test_a_refused_pickle_in_a_checkpoint_is_one_line_naming_the_file(reference, tiny_model, shapes, tmp_path, capsys):
+    """A checkpoint file rebuilt to hold a Python object (its manifest rewritten too): refused, named, exit 1."""
+    from lora_llava.cli import main
+    from lora_llava.runs import write_manifest
+
+    class Payload:
+        def __reduce__(self):
+            return (os.getpid, ())
+
+    out = _interrupted_copy(reference, tmp_path / "run")
+    rng = out / "checkpoint-6" / "rng_state.pth"
+    torch.save({"python": None, "extra": Payload()}, rng)
+    write_manifest(out / "checkpoint-6")
+    recipe = write_recipe(tmp_path / "recipe.yaml", _recipe(tiny_model, shapes, out))
+    assert main(["train", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lora-llava train:")]
+    assert lines == [
+        f"lora-llava train: error: {rng}: holds pickled Python objects, not only tensors, and was refused "
+        "(nothing in it ran); resume from a checkpoint you trust"
+    ], err
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model, shapes, tmp_path, monkeypatch, capsys):
+    from lora_llava.cli import main
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):  # the disk fills up while the optimizer state of step 4 is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", _recipe(tiny_model, shapes, out, max_steps=4))
+    assert main(["train", str(recipe)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-llava train:")]
+    assert err == [
+        f"lora-llava train: error: no space left on device while saving checkpoint-4 in {out}: the partial save was "
+        f"removed and the last good checkpoint {out / 'checkpoint-2'} is kept; free some space and run the same "
+        "command again to resume"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl", "recipe.yaml"]
+    from lora_llava.runs import checkpoint_problem
+
+    assert checkpoint_problem(out / "checkpoint-2") is None
+
+
+def test_non_finite_weights_stop_the_run_before_anything_saves_them(tiny_model, shapes, tmp_path, monkeypatch):
+    """Finite gradients, yet an update that overflows: the run stops at that step, naming it."""
+    from lora_llava.errors import TrainingError
+    from lora_llava.recipe.parse import parse_recipe
+    from lora_llava.training.run import train
+
+    real_step = torch.optim.AdamW.step
+    steps = []
+
+    def overflowing(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="trained weights became non-finite at step 3") as e:
+        train(parse_recipe(_recipe(tiny_model, shapes, out, max_steps=4)))
+    assert f"the last good checkpoint {out / 'checkpoint-2'} is kept" in str(e.value)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_the_final_save_refuses_non_finite_weights(tmp_path):
+    """The weights gathered for the final save (ZeRO-3 / FSDP) are checked once more: no NaN adapter, ever."""
+    from lora_llava.errors import TrainingError
+    from lora_llava.runs import RunPaths
+    from lora_llava.training.run import save_outputs
+
+    state = {"a": torch.ones(3), "b": torch.tensor([0.0, float("nan")])}
+    with pytest.raises(TrainingError, match="non-finite at step 6.*no checkpoint had been saved yet"):
+        save_outputs(None, None, None, RunPaths(tmp_path), state_dict=state, step=6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_the_final_save_leaves_no_half_adapter(tmp_path, tiny_model, shapes):
+    from lora_llava.errors import TrainingError
+    from lora_llava.recipe.parse import parse_recipe
+    from lora_llava.runs import RunPaths
+    from lora_llava.training.run import save_outputs
+
+    class FillsTheDisk(torch.nn.Linear):
+        def save_pretrained(self, folder, state_dict=None):
+            (Path(folder) / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # part written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    recipe = parse_recipe(_recipe(tiny_model, shapes, tmp_path))
+    with pytest.raises(TrainingError) as e:
+        save_outputs(FillsTheDisk(2, 2), None, recipe, RunPaths(tmp_path), step=6)
+    assert str(e.value).startswith(f"no space left on device while saving the final adapter in {tmp_path}: ")
+    assert "no checkpoint had been saved yet" in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -27,6 +27,7 @@ def _overrides(parts, captions: Path, shapes: Path, root: Path) -> list[str]:
         f"2:data.train.0.path={shapes / 'train.json'}",
         f"2:data.train.0.image_folder={shapes / 'images'}",
         "2:data.eval=[]",
+        "2:lora.r=16",  # the tiny LLM's layers are narrower than rank 128
         f"2:train.output_dir={root / 'stage2'}",
         "2:train.learning_rate=1e-2",
         "train.max_steps=2",
