@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.model.test_convert import _by_hand, _inputs, _logits
 
 from tests.helpers import TINY_IMAGE_SIZE, run_cli
+from tests.model.test_convert import _by_hand, _inputs, _logits
 
 # How LLaVA's CLIPVisionTower (a CLIPVisionModel at `model.vision_tower.vision_tower`) is named in a
 # checkpoint saved under each transformers version; written out here, independent of lora_llava.
