@@ -75,9 +75,9 @@ def main() -> None:
 
     from lora_llava.data.dataset import LlavaDataset, collate
     from lora_llava.data.validate import examine
-    from lora_llava.recipe.schema import DatasetSpec
     from lora_llava.model.processor import build_processor
     from lora_llava.model.tiny import build_tokenizer
+    from lora_llava.recipe.schema import DatasetSpec
 
     processor = build_processor(build_tokenizer(), args.image_size, 14)
     with tempfile.TemporaryDirectory() as tmp:

@@ -89,8 +89,8 @@ def main() -> None:
     from lora_llava.data.batching import epoch_order, padding_fraction
     from lora_llava.data.dataset import LlavaDataset
     from lora_llava.model.load import load_processor
-    from lora_llava.recipe.schema import DatasetSpec
     from lora_llava.model.tiny import make_tiny
+    from lora_llava.recipe.schema import DatasetSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)

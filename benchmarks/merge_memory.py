@@ -118,12 +118,12 @@ def build_run(run: Path, base: Path, size: str) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from transformers import AutoProcessor
 
-    from lora_llava.model.projector import PROJECTOR_MODULE as PROJECTOR
-    from lora_llava.training.lora import lora_target_regex
-    from lora_llava.recipe.schema import LLM_LINEAR_LAYERS
-    from lora_llava.recipe.parse import dump_recipe, parse_recipe
-    from lora_llava.merging.shards import ShardWriter, TensorSpec
     from lora_llava.data.synthetic import make_shapes_dataset
+    from lora_llava.merging.shards import ShardWriter, TensorSpec
+    from lora_llava.model.projector import PROJECTOR_MODULE as PROJECTOR
+    from lora_llava.recipe.parse import dump_recipe, parse_recipe
+    from lora_llava.recipe.schema import LLM_LINEAR_LAYERS
+    from lora_llava.training.lora import lora_target_regex
 
     d = SIZES[size]
     head = d["hidden"] // d["heads"]
