@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_llava.memory import BUILTIN_SHAPES, GiB, ModelShape, estimate  # noqa: E402
+from lora_llava.memory.estimate import estimate  # noqa: E402
+from lora_llava.memory.shapes import BUILTIN_SHAPES, GiB, ModelShape  # noqa: E402
 
 SIZES = {
     "13b": BUILTIN_SHAPES["llava-hf/llava-1.5-13b-hf"],
