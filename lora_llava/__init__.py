@@ -3,7 +3,7 @@
 The public API is imported lazily, so `import lora_llava` stays cheap:
 
     import lora_llava
-    recipe = lora_llava.load_recipe("recipes/medical.yaml", ["train.max_steps=10"])
+    recipe = lora_llava.load_recipe("medical", ["train.max_steps=10"])   # a shipped recipe, or a path
     lora_llava.train(recipe)
 """
 
@@ -31,6 +31,7 @@ _API = {
     "make_tiny": "model.tiny",
     "make_tiny_parts": "model.tiny",
     "make_tiny_original": "model.tiny",
+    "make_shapes_dataset": "data.synthetic",
     "load_or_compose": "model.compose",
     "compose_model": "model.compose",
     "convert_checkpoint": "model.convert",

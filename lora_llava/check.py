@@ -125,7 +125,8 @@ def check(recipe: Recipe, processor=None, workers: int | None = None) -> CheckRe
         for key in zip(ds._source.tolist(), ds._record.tolist()):
             in_mix[key[0]] += key in good
         for k, src in enumerate(ds.sources):
-            counts.append(DatasetCount(split, src.spec.path, len(src), sum(1 for kk, _ in found if kk == k), in_mix[k]))
+            records = len(src) - src.filtered  # records the spec's filters leave out are not the data
+            counts.append(DatasetCount(split, src.spec.path, records, sum(1 for kk, _ in found if kk == k), in_mix[k]))
         if split == "train":
             lengths = list(good.values())
             padding = _padding(ds, good, recipe)

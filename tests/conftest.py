@@ -39,6 +39,14 @@ def tiny_model(session_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_next(session_dir) -> Path:
+    """A tiny random LLaVA-NeXT (AnyRes over 56-px tiles: grid [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])."""
+    from lora_llava.model.tiny import make_tiny
+
+    return make_tiny(session_dir / "tiny-next", image_size=TINY_IMAGE_SIZE, next=True)
+
+
+@pytest.fixture(scope="session")
 def shapes(session_dir) -> Path:
     """Generated shapes VQA data: train.json, test.json and images/ in one folder."""
     from lora_llava.data.synthetic import make_shapes_dataset

@@ -8,6 +8,7 @@ line and exit 2 (input / usage) or 1 (run time); `--debug` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import logging
@@ -15,7 +16,7 @@ import os
 import sys
 import warnings
 
-VERBS = ("train", "recipe", "check", "estimate", "merge", "predict", "chat", "eval", "serve", "demo", "make_tiny", "convert")
+VERBS = ("train", "recipe", "recipes", "check", "estimate", "merge", "predict", "chat", "eval", "serve", "demo", "make_tiny", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
+    mistyped = unknown_verb(parser, argv)
+    if mistyped:
+        print(mistyped, file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     distributed.name_accelerator()
     distributed.quiet_replicas()
@@ -67,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         distributed.shutdown()  # a rank that leaves the group lets the launcher stop the others instead of leaving them waiting
+
+
+def unknown_verb(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The line for a verb that is not one (None when it is, or when there is none), with the closest verb.
+
+    argparse would print the usage and every choice; one suggestion is what a typo needs.
+    """
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    names = list(sub.choices)  # as registered: make_tiny is `make-tiny`
+    if verb is None or verb in names:
+        return None
+    close = difflib.get_close_matches(verb, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(names)}"
+    return f"lora-llava: unknown command {verb!r} ({hint})"
 
 
 def _unexpected(verb: str, e: Exception) -> str:

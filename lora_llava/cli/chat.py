@@ -16,7 +16,13 @@ HELP = "commands: /image PATH (talk about another image: a new conversation), /r
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("chat", parents=[common], help="an interactive conversation about an image")
+    p = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="an interactive conversation about an image",
+        description="Talk about an image in the terminal with a model, a run folder or a merged checkpoint "
+        "(/image PATH, /reset, /quit; reads piped input too).",
+    )
     add_model_args(p)
     p.add_argument("--image", metavar="PATH", help="the image to talk about (or /image PATH later)")
     add_sampling_args(p, max_new_tokens=512)

@@ -8,6 +8,8 @@ def register(sub, common) -> None:
         "check",
         parents=[common],
         help="validate a recipe and every sample of its datasets (processor and tokenizer only, no model weights)",
+        description="Validate a recipe and every sample of its datasets (images decoded, text tokenised, lengths "
+        "measured) with the processor alone, before any GPU time is spent.",
     )
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE", help="recipe YAML file, then key.path=value overrides")
     p.add_argument(
@@ -34,7 +36,10 @@ def run(args) -> int:
         raise RecipeError("<command line>", ["--workers: must be at least 0"])
     if args.json and Path(args.json).exists():
         raise OutputError(f"--json: {args.json} exists; choose another file")
-    report = check(load_recipe(recipes[0], overrides), workers=args.workers)
+    recipe = load_recipe(recipes[0], overrides)
+    source = recipe.model.name_or_path or f"{recipe.model.language_model} + {recipe.model.vision_tower}"
+    print(f"check: reads the tokenizer and processor of {source} only (no model weights)", flush=True)
+    report = check(recipe, workers=args.workers)
     print(report.format(), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")

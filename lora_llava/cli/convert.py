@@ -8,6 +8,8 @@ def register(sub, common) -> None:
         "convert",
         parents=[common],
         help="convert an original LLaVA-1.5 checkpoint (liuhaotian/llava-v1.5-7b layout) to a llava-hf folder",
+        description="Convert an original LLaVA-1.5 checkpoint (liuhaotian/llava-v1.5-7b layout) into a llava-hf "
+        "folder that every other verb reads.",
     )
     p.add_argument("src", metavar="SRC", help="original checkpoint: local folder or hub id")
     p.add_argument("dst", metavar="DST", help="output folder (llava-hf layout)")

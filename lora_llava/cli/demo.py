@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("demo", parents=[common], help="train a tiny LLaVA-1.5 on generated shapes VQA and show what it learned")
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="train a tiny LLaVA-1.5 on generated shapes VQA and show what it learned",
+        description="Build a tiny LLaVA-1.5 and a coloured-shapes VQA set offline, score the model, train the "
+        "demo recipe on the CPU, score it again and print both.",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of recipes/demo.yaml, e.g. train.max_steps=100")
     p.add_argument("--workdir", default="runs/demo", help="folder for the tiny model, the data and the run (default runs/demo)")
     p.add_argument("--recipe", help="the demo recipe (default: recipes/demo.yaml)")

@@ -12,7 +12,13 @@ from .predict import add_model_args, add_sampling_args, load, sampling
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("eval", parents=[common], help="score a run or model on VQA data (closed accuracy, open recall, POPE)")
+    p = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="score a run or model on VQA data (closed accuracy, open recall, POPE)",
+        description="Score a run (a recipe's train.output_dir) or any model on VQA data: closed-set accuracy, "
+        "open-set recall, exact match and POPE, as LLaVA-Med reports them.",
+    )
     p.add_argument("items", nargs="*", metavar="RECIPE_OR_OVERRIDE", help="a recipe YAML file, then key.path=value overrides")
     add_model_args(p)
     p.add_argument("--data", metavar="FILE", help="without a recipe: the LLaVA JSON / JSONL eval file")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("make-tiny", parents=[common], help="write a tiny random LLaVA-1.5-shaped model folder")
+    p = sub.add_parser(
+        "make-tiny",
+        parents=[common],
+        help="write a tiny random LLaVA-1.5-shaped model folder",
+        description="Write a tiny, randomly initialised model folder of the LLaVA-1.5 shape, offline: for tests, "
+        "the demo and trying a recipe without downloading 7B weights.",
+    )
     p.add_argument("output_dir")
     p.add_argument("--image-size", type=int, default=336, help="vision tower input size (336 as LLaVA-1.5; 56 keeps tests fast)")
     p.add_argument("--patch-size", type=int, default=14)
@@ -14,6 +20,11 @@ def register(sub, common) -> None:
         "--parts",
         action="store_true",
         help="write a CLIP tower (DIR/clip) and an LLM with its tokenizer (DIR/llm) to compose from (model.vision_tower, model.language_model)",
+    )
+    layout.add_argument(
+        "--next",
+        action="store_true",
+        help="a tiny LLaVA-NeXT (AnyRes tiles, image_newline, LlavaNextProcessor) instead of a LLaVA-1.5",
     )
     layout.add_argument(
         "--original",
@@ -43,5 +54,5 @@ def run(args) -> int:
     elif args.original:
         print(make_tiny_original(args.output_dir, **sizes, saved_by=args.saved_by, dtype=args.dtype))
     else:
-        print(make_tiny(args.output_dir, **sizes))
+        print(make_tiny(args.output_dir, **sizes, next=args.next))
     return 0

@@ -53,7 +53,13 @@ def load(args):
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("predict", parents=[common], help="answer a prompt about images, or every question of a data file")
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="answer a prompt about images, or every question of a data file",
+        description="Answer a prompt about images (the answer is the last line printed), or every question of a "
+        "data file into a JSONL of predictions.",
+    )
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
     p.add_argument("--prompt", help="the question; the answer is printed as the last line")

@@ -12,7 +12,13 @@ API_KEY_ENV = "LORA_LLAVA_API_KEY"
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("serve", parents=[common], help="serve a model over an OpenAI-compatible HTTP API, with a chat page")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
+        description="Serve a model, run folder or merged checkpoint over an OpenAI-compatible HTTP API "
+        "(/v1/chat/completions), with a chat page at /.",
+    )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -25,9 +25,10 @@ from PIL import Image
 
 from ..errors import DataError
 from ..recipe.schema import DatasetSpec
-from .encode import Encoded, encode, image_token_count
+from .columns import RecordReader, say_once
+from .encode import Encoded, anyres_token_count, anyres_worst_case, encode, image_token_count
 from .formats import IMAGE_TAG, UNREADABLE_IMAGE, Sample, SampleError, to_sample
-from .images import load_image, pixel_values
+from .images import image_inputs, is_anyres, load_image, stack_image_inputs
 from .paths import ImageResolver, image_folder
 from .readers import EMBEDDED, ArrowRows, iter_hf, read_hf, read_llava, reads_as_json
 from .templates import render
@@ -50,17 +51,26 @@ class ScanReport:
 class Source:
     """One dataset of a mixture: its records, and what the index scan found in each."""
 
-    def __init__(self, spec: DatasetSpec, allow_absolute_paths: bool = False):
-        self.spec = spec
+    def __init__(self, spec: DatasetSpec, allow_absolute_paths: bool = False, where: str = "data.train.0"):
+        self.spec, self.where = spec, where
         self.resolver = ImageResolver(image_folder(spec), allow_absolute_paths)
         self.bad: list[SampleError] = []
+        self.read: RecordReader | None = None  # JSON: made at the first record, so that its problems are the record's
+        self.filtered = 0  # records left out by the spec's filters (not bad: not wanted)
         words: list[int] = []
         images: list[int] = []
         good: list[int] = []
 
         def visit(i: int, record: Any) -> None:
+            if self.read is None:
+                self.read = RecordReader(spec, where)
+            if not self.read.keep(record):
+                self.filtered += 1
+                words.append(0)
+                images.append(0)
+                return
             try:
-                s = to_sample(record, i, spec)
+                s = to_sample(self.read(record, i), i, spec)
                 for ref in s.images:
                     if isinstance(ref, str) and ref != EMBEDDED:
                         self.resolver.check(ref, s.id)
@@ -77,10 +87,15 @@ class Source:
         if reads_as_json(spec):
             self.records = read_llava(spec.path, visit)
         else:
-            ds = read_hf(spec.path)
-            for i, row in enumerate(iter_hf(ds)):
+            ds = read_hf(spec.path, spec.split)
+            self.read = RecordReader(spec, where, ds.column_names)
+            for i, row in enumerate(iter_hf(ds, image_columns=self.read.image_columns)):
                 visit(i, row)
             self.records = ArrowRows(ds)
+        self.read = self.read or RecordReader(spec, where)
+        if self.filtered:
+            kept = len(self.records) - self.filtered
+            say_once(f"{spec.path}: {kept} of {len(self.records)} record(s) pass {where}.filters")
         self.words = np.asarray(words, dtype=np.int32)
         self.images = np.asarray(images, dtype=np.int16)
         self.good = np.asarray(good, dtype=np.int64)
@@ -90,7 +105,7 @@ class Source:
 
     def sample(self, i: int) -> Sample:
         """Record i as a Sample whose images are checked paths or image data."""
-        s = to_sample(self.records[i], i, self.spec)
+        s = to_sample(self.read(self.records[i], i), i, self.spec)
         return dataclasses.replace(s, images=tuple(self._image(ref, s.id) for ref in s.images))
 
     def _image(self, ref: Any, sample_id: str) -> Any:
@@ -126,6 +141,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             system_prompt=d.system_prompt,
             allow_absolute_paths=d.allow_absolute_paths,
             seed=recipe.train.seed,
+            section="data.eval" if specs is not None and specs == d.eval and specs != d.train else "data.train",
         )
 
     def __init__(
@@ -138,6 +154,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         system_prompt: str | None = None,
         allow_absolute_paths: bool = False,
         seed: int = 0,
+        section: str = "data.train",
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -148,14 +165,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         if template == "chat_template" and not getattr(self.tokenizer, "chat_template", None):
             raise DataError("data.template: chat_template, but this model's tokenizer has no chat template (use vicuna_v1)")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
-        self.tokens_per_image = tokens_per_image(processor)
-        self.sources = [Source(spec, allow_absolute_paths) for spec in specs]
+        self.anyres = is_anyres(processor.image_processor)
+        # AnyRes counts per image; this (its worst case there) serves the length estimates that decode nothing.
+        self.tokens_per_image = anyres_worst_case(processor) if self.anyres else tokens_per_image(processor)
+        self.sources = [Source(spec, allow_absolute_paths, f"{section}.{k}") for k, spec in enumerate(specs)]
         self.report = ScanReport()
         rng = random.Random(seed)
         source_ids, record_ids = [], []
         for k, src in enumerate(self.sources):
             key = src.spec.path if src.spec.path not in self.report.counts else f"{src.spec.path} ({k + 1})"
-            self.report.counts[key] = len(src)
+            self.report.counts[key] = len(src) - src.filtered
             self.report.bad += [(key, e) for e in src.bad]
             picked = mixture_indices(src.good, src.spec, rng)
             source_ids += [k] * len(picked)
@@ -181,21 +200,23 @@ class LlavaDataset(torch.utils.data.Dataset):
     def has_image(self, idx: int) -> bool:
         return bool(self.sources[self._source[idx]].images[self._record[idx]])
 
-    def encode_sample(self, s: Sample, pixels: bool = True) -> tuple[Encoded, torch.Tensor | None]:
-        """Tokens, labels and pixel values of the images kept (raises SampleError / DataError).
+    def encode_sample(self, s: Sample, pixels: bool = True) -> tuple[Encoded, dict | None]:
+        """Tokens, labels and image inputs of the images kept (raises SampleError / DataError).
 
         `pixels=False` decodes the images (to find unreadable ones) but skips resizing and normalising.
         """
         rendered = render(s, self.template, self.tokenizer, self.system_prompt)
-        enc = encode(rendered, self.tokenizer, self.image_token_id, self.tokens_per_image, self.max_length, s.id)
         try:
             images = [load_image(ref) for ref in s.images]
         except DataError as e:
             raise SampleError(s.id, UNREADABLE_IMAGE, str(e)) from None
+        # AnyRes: each image's own token count, computed as the model packs its features.
+        counts = [anyres_token_count(self.processor, *im.size) for im in images] if self.anyres else self.tokens_per_image
+        enc = encode(rendered, self.tokenizer, self.image_token_id, counts, self.max_length, s.id)
         if not pixels or not enc.images:
             return enc, None
         # Truncation may drop later rounds with their images: feed only the images whose tokens remain.
-        return enc, pixel_values(images[: enc.images], self.processor.image_processor, self.image_aspect)
+        return enc, image_inputs(images[: enc.images], self.processor.image_processor, self.image_aspect)
 
     def __getitem__(self, idx: int) -> dict:
         skipped = []
@@ -213,7 +234,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             return {
                 "input_ids": torch.tensor(enc.input_ids),
                 "labels": torch.tensor(enc.labels),
-                "pixel_values": pixels,
+                "pixel_values": pixels["pixel_values"] if pixels else None,
+                "image_sizes": pixels.get("image_sizes") if pixels else None,  # AnyRes only
                 "skipped": skipped,
             }
         raise DataError(f"no usable {'image' if modality else 'text-only'} sample in the data (see the warnings above)")
@@ -280,9 +302,8 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
         labels[r, :n] = b["labels"]
         mask[r, :n] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
-    if pixels:
-        out["pixel_values"] = torch.cat(pixels)
+    parts = [{k: b[k] for k in ("pixel_values", "image_sizes") if b.get(k) is not None} for b in batch]
+    out.update(stack_image_inputs(parts))
     skipped = [sid for b in batch for sid in b.get("skipped", [])]
     if skipped:
         out["skipped"] = skipped

@@ -18,9 +18,10 @@ and image tokens alone exceed `max_length` raises `SampleError` (kind
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .formats import IMAGE_TAG, TOO_LONG, SampleError
+from .formats import IMAGE_TAG, TAG_MISMATCH, TOO_LONG, SampleError
 from .templates import Rendered
 
 IGNORE_INDEX = -100
@@ -39,6 +40,21 @@ def image_token_count(image_size: int, patch_size: int, strategy: str = "default
     """Tokens per image: one per patch; `full` keeps CLIP's CLS token, `default` drops it."""
     n = (image_size // patch_size) ** 2
     return n + 1 if strategy == "full" else n
+
+
+def anyres_token_count(processor, width: int, height: int) -> int:
+    """Image tokens of one image under AnyRes, counted as the processor and the model pack them (global view,
+    unpadded tiles, a newline per row), the CLS token dropped by the `default` strategy."""
+    size = processor.image_processor.size
+    tile = size["shortest_edge"] if "shortest_edge" in size else min(size["height"], size["width"])
+    n = processor._get_number_of_features(height, width, tile, tile)
+    return n - 1 if processor.vision_feature_select_strategy == "default" else n
+
+
+def anyres_worst_case(processor) -> int:
+    """The most image tokens one image can take: an image of each grid's own shape fills every tile."""
+    grid = processor.image_processor.image_grid_pinpoints  # (height, width) pairs
+    return max(anyres_token_count(processor, w, h) for h, w in grid)
 
 
 def _in_spans(offsets: list[tuple[int, int]], spans) -> list[bool]:
@@ -83,12 +99,20 @@ def encode(
     rendered: Rendered,
     tokenizer,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | Sequence[int],
     max_length: int,
     sample_id: str,
 ) -> Encoded:
-    """Tokenise, expand each `<image>` to `tokens_per_image` ids, fit into `max_length` (see the module doc)."""
+    """Tokenise, expand each `<image>` to its image tokens, fit into `max_length` (see the module doc).
+
+    `tokens_per_image`: one count for every image (LLaVA-1.5), or one per image in tag order (AnyRes).
+    """
     tokens, offsets = tokenize(rendered.text, tokenizer, image_token_id, rendered.image_chunks)
+    n_tags = sum(1 for t in tokens if t == image_token_id)
+    counts = [tokens_per_image] * n_tags if isinstance(tokens_per_image, int) else list(tokens_per_image)
+    if len(counts) != n_tags:
+        raise SampleError(sample_id, TAG_MISMATCH, f"{n_tags} {IMAGE_TAG} tag(s) for {len(counts)} image(s)")
+    pending = iter(counts)
     ids: list[int] = []
     labels: list[int] = []
     kinds: list[int] = []
@@ -105,23 +129,24 @@ def encode(
             ends.append(len(ids))
             round_ends.pop(0)
         if tok == image_token_id:
-            ids.extend([image_token_id] * tokens_per_image)
-            labels.extend([IGNORE_INDEX] * tokens_per_image)
-            kinds.extend([_FIXED] * tokens_per_image)
+            n = next(pending)
+            ids.extend([image_token_id] * n)
+            labels.extend([IGNORE_INDEX] * n)
+            kinds.extend([_FIXED] * n)
             continue
         ids.append(tok)
         labels.append(tok if answer[p] else IGNORE_INDEX)
         kinds.append(_ANSWER if answer[p] else _QUESTION if question[p] else _FIXED)
     ends.extend([len(ids)] * len(round_ends))
     if len(ids) <= max_length:
-        return Encoded(ids, labels, False, _images(ids, image_token_id, tokens_per_image))
+        return Encoded(ids, labels, False, _images(ids, image_token_id, counts))
     fitting = [e for e in ends if e <= max_length]
     if fitting:
         keep = list(range(fitting[-1]))
     else:
         keep = _fit_first_round(kinds[: ends[0] if ends else len(ids)], max_length, len(ids), sample_id)
     kept_ids = [ids[p] for p in keep]
-    return Encoded(kept_ids, [labels[p] for p in keep], True, _images(kept_ids, image_token_id, tokens_per_image))
+    return Encoded(kept_ids, [labels[p] for p in keep], True, _images(kept_ids, image_token_id, counts))
 
 
 def _fit_first_round(kinds: list[int], max_length: int, total: int, sample_id: str) -> list[int]:
@@ -146,8 +171,14 @@ def _fit_first_round(kinds: list[int], max_length: int, total: int, sample_id: s
     return sorted(fixed + kept_question + kept_answer)
 
 
-def _images(ids: list[int], image_token_id: int, tokens_per_image: int) -> int:
+def _images(ids: list[int], image_token_id: int, counts: list[int]) -> int:
+    """How many of the sample's images (in order) have their tokens in `ids`: truncation keeps or drops images whole."""
     n = sum(1 for t in ids if t == image_token_id)
-    if n % tokens_per_image:  # truncation never cuts an image; this would be a bug here
-        raise AssertionError(f"{n} image tokens is not a multiple of {tokens_per_image}")
-    return n // tokens_per_image
+    total = 0
+    for k, c in enumerate(counts):
+        if total == n:
+            return k
+        total += c
+    if total != n:  # truncation never cuts an image; this would be a bug here
+        raise AssertionError(f"{n} image tokens are not whole images of {counts}")
+    return len(counts)

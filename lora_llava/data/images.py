@@ -108,3 +108,32 @@ def pixel_values(images: list[Image.Image], image_processor, aspect: str = "pad"
         raise ValueError(f"image aspect {aspect!r}: pad or crop")
     # do_pad=False: the square is already made; a processor that pads would pad nothing more.
     return image_processor(images=squares, return_tensors="pt", do_pad=False)["pixel_values"]
+
+
+def is_anyres(image_processor) -> bool:
+    """A LLaVA-NeXT image processor (a best-fit grid of tiles plus a global view) rather than LLaVA-1.5's single view."""
+    return getattr(image_processor, "image_grid_pinpoints", None) is not None
+
+
+def image_inputs(images: list[Image.Image], image_processor, aspect: str = "pad") -> dict[str, torch.Tensor]:
+    """The model's image inputs: `pixel_values`, and for AnyRes `image_sizes` (height, width) beside (n, tiles, 3, S, S).
+
+    AnyRes resizes and pads each tile itself, as the reference code does; `aspect` applies to LLaVA-1.5 only.
+    """
+    if not is_anyres(image_processor):
+        return {"pixel_values": pixel_values(images, image_processor, aspect)}
+    out = image_processor(images=images, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_sizes": torch.as_tensor(out["image_sizes"], dtype=torch.long)}
+
+
+def stack_image_inputs(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The image inputs of several samples as one batch; AnyRes tiles padded to the most any image has (the model drops them)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    pixels = [p["pixel_values"] for p in parts]
+    if "image_sizes" not in parts[0]:
+        return {"pixel_values": torch.cat(pixels)}
+    most = max(x.shape[1] for x in pixels)
+    padded = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, most - x.shape[1])) for x in pixels]
+    return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([p["image_sizes"] for p in parts])}

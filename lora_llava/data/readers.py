@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..recipe.schema import DatasetSpec
+from .columns import say_once
 from .formats import detect_format
 
 EMBEDDED = "<embedded image>"  # image reference of an image stored inside a dataset
@@ -117,24 +118,65 @@ def _read_list(raw: bytes, path: str | Path, visit) -> RecordStore:
     return RecordStore(b"".join(parts), ends - [len(b) for b in parts], ends)
 
 
-def read_hf(path: str | Path):
-    """A `save_to_disk` folder, a folder of parquet files, or a parquet / jsonl file, as a `datasets.Dataset`."""
+# Split names a folder of parquet files may use: `train-00000-of-00001.parquet`, `data/test.parquet`, `validation/0000.parquet`.
+KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "dev", "eval")
+_SPLIT_PREFIX = re.compile(r"^([A-Za-z0-9]+)(?=[-_.])")
+
+
+def _split_of(f: Path, root: Path, names: tuple[str, ...]) -> str | None:
+    """The split a parquet file belongs to, from its name or its folder; None when neither names one."""
+    m = _SPLIT_PREFIX.match(f.name)
+    if m and m.group(1) in names:
+        return m.group(1)
+    parents = f.relative_to(root).parts[:-1]
+    return next((d for d in reversed(parents) if d in names), None)
+
+
+def _choose(available: list[str], split: str | tuple[str, ...] | None, path: str | Path) -> str:
+    """The split to read: the one asked for, or the first of a list that exists; never a silent fallback."""
+    wanted = (split,) if isinstance(split, str) else tuple(split or ("train",))
+    chosen = next((s for s in wanted if s in available), None)
+    if chosen is None:
+        raise DataError(f"{path}: no split {' / '.join(wanted)} (it has {', '.join(available)}); set split: to one of them")
+    if len(wanted) > 1 and len(available) > 1:
+        say_once(f"{path}: reading split {chosen!r} (the first of {', '.join(wanted)} it has; set split: to choose)")
+    return chosen
+
+
+def _parquet_files(p: Path, split: str | tuple[str, ...] | None) -> list[str]:
+    """The parquet files of the requested split; a folder whose files name no split is one dataset."""
+    files = sorted(f for f in p.rglob("*.parquet") if not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files:
+        raise DataError(f"{p}: neither a save_to_disk folder nor a folder of parquet files")
+    names = tuple(dict.fromkeys((*KNOWN_SPLITS, *((split,) if isinstance(split, str) else split or ()))))
+    by_split: dict[str, list[str]] = {}
+    for f in files:
+        by_split.setdefault(_split_of(f, p, names) or "", []).append(str(f))
+    if set(by_split) == {""}:
+        return by_split[""]
+    if "" in by_split:
+        odd = ", ".join(Path(f).name for f in by_split[""][:3])
+        raise DataError(f"{p}: parquet files of named splits ({', '.join(s for s in by_split if s)}) beside others ({odd}); "
+                        "give one file or a folder of one split as path")
+    return by_split[_choose(sorted(by_split), split, p)]
+
+
+def read_hf(path: str | Path, split: str | tuple[str, ...] | None = "train"):
+    """A `save_to_disk` folder (a DatasetDict: the split asked for), a folder of parquet files, or a file, as a Dataset."""
     import datasets
 
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: data file not found")
     if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # a damaged or foreign folder; datasets raises many types
+            raise DataError(f"{path}: cannot read as a save_to_disk folder ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            ds = ds[_choose(list(ds), split, path)]
         return ds
-    if p.is_dir():
-        files = sorted(str(f) for f in p.glob("*.parquet"))
-        if not files:
-            raise DataError(f"{path}: neither a save_to_disk folder nor a folder of parquet files")
-    else:
-        files = [str(p)]
+    files = _parquet_files(p, split) if p.is_dir() else [str(p)]
     kind = {".parquet": "parquet", ".arrow": "arrow"}.get(Path(files[0]).suffix, "json")
     try:
         return datasets.load_dataset(kind, data_files=files, split="train")
@@ -168,12 +210,12 @@ def reads_as_json(spec: DatasetSpec) -> bool:
 
 def read_records(spec: DatasetSpec):
     """The records of one dataset: a `RecordStore` for .json / .jsonl, a `datasets.Dataset` otherwise."""
-    return read_llava(spec.path) if reads_as_json(spec) else read_hf(spec.path)
+    return read_llava(spec.path) if reads_as_json(spec) else read_hf(spec.path, spec.split)
 
 
-def iter_hf(ds, batch_size: int = 1000) -> Iterator[dict]:
+def iter_hf(ds, batch_size: int = 1000, image_columns: tuple[str, ...] = ("images", "image")) -> Iterator[dict]:
     """Rows of an HF dataset with image columns as references: a path, or `EMBEDDED` when stored inline."""
-    image_cols = [c for c in ("images", "image") if c in ds.column_names]
+    image_cols = [c for c in image_columns if c in ds.column_names]
     for table in ds.with_format("arrow").iter(batch_size=batch_size):
         rest = table.drop_columns(image_cols).to_pylist()
         refs = {c: _image_refs(table.column(c).combine_chunks()) for c in image_cols}

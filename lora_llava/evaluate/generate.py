@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from ..data.dataset import tokens_per_image
-from ..data.encode import encode
+from ..data.encode import anyres_token_count, encode
 from ..data.formats import IMAGE_TAG
-from ..data.images import open_image, pixel_values
+from ..data.images import image_inputs, is_anyres, open_image
 from ..data.templates import IMAGE_CHUNK_TEMPLATES, TEMPLATES, Rendered, generation_prompt
 from ..errors import DataError, LoraLlavaError, ModelError
 from ..recipe.parse import load_recipe
@@ -76,14 +76,9 @@ class Predictor:
             raise DataError(f"the prompt has {tags} {IMAGE_TAG} tag(s) for {len(request.images)} image(s)")
         # Tokenised as `render` marks training text of this template (`image_chunks`), so the prompt is its prefix.
         chunks = self.template in IMAGE_CHUNK_TEMPLATES
-        enc = encode(
-            Rendered(text, (), (), image_chunks=chunks),
-            self.processor.tokenizer,
-            self.image_token_id,
-            self.tokens_per_image,
-            NO_LIMIT,
-            "prompt",
-        )
+        anyres = is_anyres(self.processor.image_processor)
+        counts = [anyres_token_count(self.processor, *im.size) for im in request.images] if anyres else self.tokens_per_image
+        enc = encode(Rendered(text, (), (), image_chunks=chunks), self.processor.tokenizer, self.image_token_id, counts, NO_LIMIT, "prompt")
         return enc.input_ids
 
     def generate(self, requests: list[Request], sampling: Sampling = Sampling(), batch_size: int = GENERATION_BATCH) -> list[str]:
@@ -125,7 +120,8 @@ class Predictor:
         inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
         flat = [im for group in images for im in group]
         if flat:
-            inputs["pixel_values"] = pixel_values(flat, self.processor.image_processor, self.image_aspect).to(device)
+            images = image_inputs(flat, self.processor.image_processor, self.image_aspect)
+            inputs.update({k: v.to(device) for k, v in images.items()})
         sample = sampling.temperature > 0
         out = self.model.generate(
             **inputs,

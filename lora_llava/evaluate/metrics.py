@@ -122,7 +122,38 @@ def score(questions: list[Question], answers: list[str]) -> tuple[list[dict], di
     }
     if pope:
         report["pope"] = pope_metrics(pope)
+    groups = _groups(questions, rows)
+    if groups:
+        report["groups"] = groups
     return rows, report
+
+
+# Fields that already decide closed / open, and are not worth a second breakdown.
+KIND_FIELDS = ("answer_type", "question_type")
+
+
+def _groups(questions: list[Question], rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """Scores per value of each metadata field (language, content type...): {field: {value: summary}}."""
+    members: dict[str, dict[str, list[dict]]] = {}
+    for q, row in zip(questions, rows):
+        if q.reference is None:
+            continue
+        for name, value in q.metadata:
+            if name not in KIND_FIELDS:
+                members.setdefault(name, {}).setdefault(value, []).append(row)
+    out: dict[str, dict[str, dict]] = {}
+    for name, by_value in members.items():
+        out[name] = {}
+        for value, group in sorted(by_value.items()):
+            closed = [r["correct"] for r in group if "correct" in r]
+            recall = [r["recall"] for r in group if "recall" in r]
+            summary: dict[str, Any] = {"n": len(group), "exact_match": _mean([r["exact_match"] for r in group])}
+            if closed:
+                summary["closed_accuracy"] = _mean(closed)
+            if recall:
+                summary["open_recall"] = _mean(recall)
+            out[name][value] = summary
+    return out
 
 
 def headline(report: dict) -> dict[str, float]:
@@ -152,4 +183,12 @@ def format_report(report: dict, title: str = "") -> str:
             f"  POPE probe:      {p['n']:4d}   accuracy {p['accuracy']:.3f}  precision {p['precision']:.3f}  "
             f"recall {p['recall']:.3f}  F1 {p['f1']:.3f}  yes-ratio {p['yes_ratio']:.3f}"
         )
+    for name, by_value in report.get("groups", {}).items():
+        for value, g in by_value.items():
+            parts = [f"exact match {g['exact_match']:.3f}"]
+            if "closed_accuracy" in g:
+                parts.append(f"closed accuracy {g['closed_accuracy']:.3f}")
+            if "open_recall" in g:
+                parts.append(f"open recall {g['open_recall']:.3f}")
+            lines.append(f"  {name}={value}: {g['n']:4d}   " + "   ".join(parts))
     return "\n".join(lines)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.formats import IMAGE_TAG, SampleError, detect_format, to_sample
+from ..data.columns import RecordReader
+from ..data.formats import IMAGE_TAG, SampleError, to_sample
 from ..data.images import load_image
 from ..data.paths import resolve_image
-from ..data.readers import read_records
+from ..data.readers import read_records, reads_as_json
 from ..errors import DataError
 from ..recipe.schema import DatasetSpec
 from .generate import Predictor, Request
@@ -27,17 +28,21 @@ class Question:
     images: tuple[Any, ...]
     reference: str | None = None
     kind: str | None = None  # closed | open; None without a reference
+    metadata: tuple[tuple[str, str], ...] = ()  # (field, value) of the record, e.g. ("q_lang", "en"); scores group by them
 
     @property
     def text(self) -> str:
         return self.turns[-1][1].replace(IMAGE_TAG, "").strip()
 
 
+def _question_file(record: Any) -> bool:
+    """LLaVA's question files (`question_id`, `image`, `text`; POPE's `label`), which no column mapping names."""
+    return isinstance(record, dict) and "text" in record and not any(k in record for k in ("conversations", "messages", "question"))
+
+
 def _as_conversation(record: Any) -> Any:
-    """LLaVA question files (`question_id`, `image`, `text`, POPE's `label`) as a one-question conversation."""
-    if not isinstance(record, dict) or "conversations" in record or "messages" in record:
-        return record
-    text = record.get("text", record.get("question"))
+    """A LLaVA question file record as a one-question conversation."""
+    text = record.get("text")
     if not isinstance(text, str):
         return record  # to_sample reports it
     tag = IMAGE_TAG + "\n" if record.get("image") and IMAGE_TAG not in text else ""
@@ -48,13 +53,14 @@ def _as_conversation(record: Any) -> Any:
     return {**record, "id": record.get("question_id", record.get("id")), "conversations": conv}
 
 
-def _pending(record: Any, fmt: str) -> tuple[Any, bool]:
+def _pending(record: Any) -> tuple[Any, bool]:
     """A conversation that ends with the user's question gets a placeholder answer (to validate); True if so."""
-    key, role = ("messages", "role") if fmt == "hf" else ("conversations", "from")
+    hf = isinstance(record, dict) and "messages" in record
+    key, role = ("messages", "role") if hf else ("conversations", "from")
     turns = record.get(key) if isinstance(record, dict) else None
     if not (isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get(role) in ("human", "user")):
         return record, False
-    answer = {"role": "assistant", "content": PLACEHOLDER} if fmt == "hf" else {"from": "gpt", "value": PLACEHOLDER}
+    answer = {"role": "assistant", "content": PLACEHOLDER} if hf else {"from": "gpt", "value": PLACEHOLDER}
     return {**record, key: [*turns, answer]}, True
 
 
@@ -70,26 +76,33 @@ def question_kind(record: Any, reference: str | None, single_round: bool) -> str
     return "closed" if normalize(reference) in ("yes", "no") else "open"
 
 
-def read_questions(spec: DatasetSpec, limit: int | None = None, allow_absolute_paths: bool = False) -> list[Question]:
+def read_questions(
+    spec: DatasetSpec, limit: int | None = None, allow_absolute_paths: bool = False, where: str = "data.eval"
+) -> list[Question]:
     """The questions of a dataset: one per answer in each conversation (earlier answers as history), or the open one."""
-    fmt = detect_format(spec)
     records = read_records(spec)
+    read = RecordReader(spec, where, None if reads_as_json(spec) else records.column_names)
     n = len(records) if spec.max_samples is None else min(len(records), spec.max_samples)  # the first samples, every time
     out: list[Question] = []
     for i in range(n):
         if limit is not None and len(out) >= limit:
             break
-        record, pending = _pending(_as_conversation(records[i]), fmt)
+        raw = records[i]
+        if not read.keep(raw):
+            continue
         try:
-            s = to_sample(record, i, spec, fmt)
+            record, pending = _pending(_as_conversation(raw) if _question_file(raw) else read(raw, i))
+            s = to_sample(record, i, spec)
             images = tuple(resolve_image(p, spec, s.id, allow_absolute_paths) for p in s.images)
         except SampleError as e:
             raise DataError(f"{spec.path}: {e}") from None
         rounds = len(s.turns) // 2
+        metadata = tuple(read.metadata(raw).items())
         for k in range(rounds):
             reference = None if pending and k == rounds - 1 else s.turns[2 * k + 1][1]
             qid = s.id if rounds == 1 else f"{s.id}#{k + 1}"
-            out.append(Question(qid, s.turns[: 2 * k + 1], images, reference, question_kind(records[i], reference, rounds == 1)))
+            kind = question_kind(raw, reference, rounds == 1)
+            out.append(Question(qid, s.turns[: 2 * k + 1], images, reference, kind, metadata))
     return out[:limit] if limit is not None else out
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError, ModelError, OutputError
-from ..recipe.schema import DatasetSpec, Recipe
+from ..recipe.schema import EVAL_SPLITS, DatasetSpec, Recipe
 from ..runs import RunPaths
 from .generate import Predictor, as_predictor
 from .metrics import score
@@ -52,7 +52,7 @@ def evaluate_model(
     overwrite: bool = False,
 ) -> dict:
     """Generate on one dataset and score it; per-question rows go to `output` (JSON lines) when given."""
-    spec = data if isinstance(data, DatasetSpec) else DatasetSpec(path=str(data), image_folder=image_folder)
+    spec = data if isinstance(data, DatasetSpec) else DatasetSpec(path=str(data), image_folder=image_folder, split=EVAL_SPLITS)
     if output is not None:
         check_outputs([Path(output)], overwrite)
     questions = read_questions(spec, limit)
@@ -106,7 +106,7 @@ def predict_file(
 ) -> Path:
     """Answer every question of a LLaVA JSON / JSONL file; one JSON line per question (id, question, answer, reference)."""
     check_outputs([Path(output)], overwrite)
-    questions = read_questions(DatasetSpec(path=str(data), image_folder=image_folder), limit)
+    questions = read_questions(DatasetSpec(path=str(data), image_folder=image_folder, split=EVAL_SPLITS), limit)
     answers = answer_questions(as_predictor(model), questions, sampling, batch_size)
     rows = [
         {"id": q.id, "question": q.text, "answer": a, **({"reference": q.reference} if q.reference is not None else {})}

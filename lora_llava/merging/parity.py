@@ -74,7 +74,7 @@ def _encode_first(specs: tuple[DatasetSpec, ...], recipe: Recipe, processor, n: 
         except DataError as e:
             log.info("parity: skipping %s", e)
             continue
-        item = {"input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels), "pixel_values": pixels}
+        item = {"input_ids": torch.tensor(enc.input_ids), "labels": torch.tensor(enc.labels), **(pixels or {})}
         batches.append(collate([item], processor.tokenizer.pad_token_id))
         if len(batches) == n:
             break
@@ -118,6 +118,8 @@ def logits_of(load: Callable[[], torch.nn.Module], batches: list[dict]) -> list[
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
         if "pixel_values" in batch:
             inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+        if "image_sizes" in batch:  # AnyRes
+            inputs["image_sizes"] = batch["image_sizes"].to(device)
         logits = model(**inputs).logits.float().cpu()
         out.append(logits[batch["attention_mask"].bool()])
     del model

@@ -29,8 +29,9 @@ import torch
 
 from ..errors import ModelError, first_line
 from ..recipe.schema import ModelConfig
+from .family import family_of, init_image_newline, model_class, next_config
 from .load import check_source, freeze_for_training, load_model, load_processor, loading_kwargs, pickles_named, resolve_dtype
-from .processor import llava_processor
+from .processor import llava_processor, next_processor
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 VOCAB_MULTIPLE = 64  # llava-hf pads the vocabulary to a multiple of 64 (32064 rows for Vicuna's 32000 + 2)
@@ -41,8 +42,18 @@ def load_or_compose(cfg: ModelConfig, seed: int = 0):
     """(model, processor) for the recipe's model section: a llava-hf checkpoint, or a new composition."""
     if cfg.name_or_path:
         processor = load_processor(cfg.name_or_path, cfg.trust_remote_code, cfg.revision)
-        return load_model(cfg), processor
+        model = load_model(cfg, seed=seed)
+        return model, processor_for(model.config, processor)
     return compose_model(cfg, seed)
+
+
+def processor_for(config, processor):
+    """The processor of a NeXT model made from a LLaVA-1.5 (`model.anyres`): the 1.5 tokenizer and template, AnyRes images."""
+    from .family import NEXT, family_of
+
+    if family_of(config) == NEXT and not hasattr(processor.image_processor, "image_grid_pinpoints"):
+        return next_processor(processor.tokenizer, config, processor.chat_template)
+    return processor
 
 
 def compose_model(cfg: ModelConfig, seed: int = 0):
@@ -54,6 +65,10 @@ def compose_model(cfg: ModelConfig, seed: int = 0):
     config = llava_config(vision_config, text_config, tokenizer)
     state = {**vision_state, **text_state, **fresh_projector(config, seed, dtype)}
     config.text_config.vocab_size = resize_vocab(state, n_original, len(tokenizer))
+    if cfg.anyres:  # LLaVA-1.5-HD from the start: the same parts, AnyRes tiles, a seeded image_newline
+        config = next_config(config, cfg.image_grid_pinpoints)
+        state["model.image_newline"] = init_image_newline(config.text_config.hidden_size, seed, dtype)
+        return assemble(config, state, cfg), next_processor(tokenizer, config)
     return assemble(config, state, cfg), llava_processor(tokenizer, config)
 
 
@@ -209,11 +224,11 @@ def fresh_projector(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Te
 
 def assemble(config, state: dict[str, torch.Tensor], cfg: ModelConfig, on_cpu: bool = False):
     """LlavaForConditionalGeneration from a complete state dict, with the recipe's dtype, quantization and device."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import GenerationConfig
 
     kwargs = dict(loading_kwargs(cfg, on_cpu), config=config, state_dict=state)
     with quiet_transformers():
-        model, info = LlavaForConditionalGeneration.from_pretrained(None, output_loading_info=True, **kwargs)
+        model, info = model_class(family_of(config)).from_pretrained(None, output_loading_info=True, **kwargs)
     wrong = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"]) + sorted(map(str, info["mismatched_keys"]))
     if wrong:  # the key mapping above is incomplete for this checkpoint: a bug, not a user error
         raise RuntimeError(f"composed weights do not fit LlavaForConditionalGeneration: {wrong[:5]}")

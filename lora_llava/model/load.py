@@ -44,6 +44,9 @@ def check_source(name_or_path: str, key: str = "model.name_or_path") -> str:
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1 or p.exists()
     if looks_local:
         raise ModelError(f"{key}: model folder {name_or_path} not found")
+    from .hub import require_hub
+
+    require_hub(name_or_path, key)
     return name_or_path
 
 
@@ -105,11 +108,15 @@ def device_map() -> dict | None:
 def load_processor(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoProcessor
 
+    from .family import adopt_reference_grid
+
     src = check_source(name_or_path)
     try:
-        return AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code, revision=revision)
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load the processor of {name_or_path} ({first_line(e)})") from None
+    adopt_reference_grid(None, getattr(processor, "image_processor", None))  # a NeXT grid, chosen as the reference does
+    return processor
 
 
 def loading_kwargs(cfg: ModelConfig, on_cpu: bool = False) -> dict:
@@ -132,21 +139,45 @@ def freeze_for_training(model):
     return model
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None):
-    """LlavaForConditionalGeneration as the recipe describes it (frozen; training code decides what trains)."""
-    from transformers import LlavaForConditionalGeneration
+def model_config(cfg: ModelConfig, src: str):
+    """The config the model is built with: the checkpoint's, NeXT grids in the reference order, LLaVA-1.5-HD if asked."""
+    from transformers import AutoConfig
+
+    from .family import LLAVA, adopt_reference_grid, family_of, next_config
+
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path: cannot read the config of {src} ({first_line(e)})") from None
+    if cfg.anyres and family_of(config) == LLAVA:
+        return next_config(config, cfg.image_grid_pinpoints)
+    adopt_reference_grid(config)
+    return config
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, seed: int = 0):
+    """The LLaVA model the recipe describes, of its family (frozen; training code decides what trains).
+
+    With `model.anyres` a LLaVA-1.5 checkpoint loads into LLaVA-NeXT's class: every weight carries over, and the one
+    the 1.5 checkpoint lacks, `image_newline`, is drawn as LLaVA-NeXT initialises it, from `seed`.
+    """
+    from .family import family_of, init_image_newline, model_class
 
     src = check_source(name_or_path or cfg.name_or_path)
-    kwargs = dict(loading_kwargs(cfg), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    config = model_config(cfg, src)
+    kwargs = dict(loading_kwargs(cfg), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, config=config)
     try:
         with pickles_named(src, "model.name_or_path"):
-            model = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+            model, info = model_class(family_of(config)).from_pretrained(src, output_loading_info=True, **kwargs)
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load {src} ({first_line(e)})") from None
     except ValueError as e:
         if "attn_implementation" in str(e) or "attention" in str(e).lower():
             raise ModelError(f"model.attn_implementation: {first_line(e)}") from None
         raise
+    if "model.image_newline" in info["missing_keys"]:  # LLaVA-1.5-HD from a LLaVA-1.5: a new, seeded image_newline
+        newline = model.model.image_newline
+        newline.data = init_image_newline(newline.numel(), seed, newline.dtype).to(newline.device)
     return freeze_for_training(model)
 
 

@@ -63,3 +63,40 @@ def llava_processor(tokenizer, config, do_pad: bool = True):
     """LlavaProcessor with LLaVA-1.5's image settings at the tower's resolution (336 px -> 576 tokens)."""
     vision = config.vision_config
     return build_processor(tokenizer, vision.image_size, vision.patch_size, do_pad=do_pad)
+
+
+def build_next_image_processor(image_size: int, pinpoints_hw):
+    """LLaVA-NeXT image settings: a squashed global view and best-fit-grid tiles, each resized and padded (no torchvision).
+
+    `pinpoints_hw`: the grid in transformers' (height, width) order (`family.adopt_reference_grid`).
+    """
+    from transformers import LlavaNextImageProcessorPil
+
+    from .family import GRID_ORDER, HEIGHT_WIDTH
+
+    ip = LlavaNextImageProcessorPil(
+        do_pad=True,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=[list(p) for p in pinpoints_hw],
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    setattr(ip, GRID_ORDER, HEIGHT_WIDTH)
+    return ip
+
+
+def next_processor(tokenizer, config, chat_template: str | None = LLAVA_HF_CHAT_TEMPLATE):
+    """LlavaNextProcessor for a NeXT config (its grid already in transformers' order), at the tower's resolution."""
+    from transformers import LlavaNextProcessor
+
+    vision = config.vision_config
+    return LlavaNextProcessor(
+        image_processor=build_next_image_processor(vision.image_size, config.image_grid_pinpoints),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+        image_token="<image>",
+    )

@@ -21,13 +21,17 @@ PROJECTOR_MODULE = "multi_modal_projector"  # LlavaForConditionalGeneration.mode
 
 
 PROJECTOR_FILE = "projector.safetensors"
+NEWLINE = "image_newline"  # LlavaNextModel.image_newline: a parameter, not a module
 
 
 def projector_state(model) -> dict[str, torch.Tensor]:
-    """The projector's weights with llava-hf key names (`linear_1.weight`, ...)."""
+    """The projector's weights with llava-hf key names (`linear_1.weight`, ...), and an AnyRes model's `image_newline`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     proj = base.model.multi_modal_projector
-    return {k: v.detach().to("cpu").contiguous() for k, v in proj.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in proj.state_dict().items()}
+    if getattr(base.model, NEWLINE, None) is not None:
+        state[NEWLINE] = getattr(base.model, NEWLINE).detach().to("cpu").contiguous()
+    return state
 
 
 def save_projector(model, path: Path) -> None:
@@ -56,9 +60,14 @@ def find_projector_file(source: str | Path) -> Path:
 
 
 def _projector_name(key: str) -> str | None:
-    """`linear_1.weight` etc. for a projector weight under any of its known names; None for other weights."""
+    """`linear_1.weight` etc. for a projector weight under any of its known names; None for other weights.
+
+    AnyRes models keep `image_newline` beside the projector: it trains with it and travels in its file.
+    """
     if key.startswith(("linear_1.", "linear_2.")):
         return key
+    if key in (NEWLINE, f"model.{NEWLINE}"):
+        return NEWLINE
     for prefix, new in [(p, "") for p in _PROJECTOR_PREFIXES] + list(_ORIGINAL_NAMES.items()):
         if key.startswith(prefix):
             return new + key[len(prefix) :]
@@ -94,6 +103,12 @@ def read_projector(source: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
 def load_projector(model, source: str | Path) -> None:
     """Replace the model's projector by the one saved in `source` (shapes must match)."""
     path, state = read_projector(source)
+    newline = state.pop(NEWLINE, None)
+    own_newline = getattr(model.model, NEWLINE, None)
+    if newline is not None and own_newline is not None:  # a LLaVA-1.5 projector leaves a HD model's newline as drawn
+        if newline.shape != own_newline.shape:
+            raise ModelError(f"model.projector: {path}: image_newline {tuple(newline.shape)} does not fit {tuple(own_newline.shape)}")
+        own_newline.data = newline.to(own_newline.device, own_newline.dtype)
     proj = model.model.multi_modal_projector
     own = proj.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):

@@ -108,9 +108,18 @@ def make_tiny(
     text_hidden: int = 64,
     vision_hidden: int = 32,
     layers: int = 2,
+    next: bool = False,
+    grid=None,
 ) -> Path:
-    """Write a tiny random LLaVA-1.5-shaped llava-hf folder (model, processor, tokenizer, chat template)."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    """Write a tiny random LLaVA-1.5-shaped llava-hf folder (model, processor, tokenizer, chat template).
+
+    `next`: a LLaVA-NeXT instead (AnyRes: `grid` as [width, height] pinpoints, default LLaVA-NeXT's at this tile size,
+    an `image_newline`, a LlavaNextProcessor).
+    """
+    from transformers import GenerationConfig
+
+    from .family import LLAVA, NEXT, model_class, next_config
+    from .processor import next_processor
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,13 +128,16 @@ def make_tiny(
         len(tokenizer), image_size, patch_size, {"text_hidden": text_hidden, "vision_hidden": vision_hidden, "layers": layers}
     )
     config = llava_config(vision, text, tokenizer)  # LLaVA-1.5's: CLIP layer -2 without CLS, GELU projector
+    if next:
+        config = next_config(config, grid)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(NEXT if next else LLAVA)(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(out)
-    build_processor(tokenizer, image_size, patch_size).save_pretrained(out)
+    processor = next_processor(tokenizer, config) if next else build_processor(tokenizer, image_size, patch_size)
+    processor.save_pretrained(out)
     return out
 
 

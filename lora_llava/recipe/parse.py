@@ -22,6 +22,7 @@ import yaml
 from ..errors import RecipeError
 from ..io import atomic_write_text
 from .schema import LLM_LINEAR_LAYERS, SYNONYMS, Recipe, _type_name
+from .shipped import find_recipe, shipped_recipes
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -62,6 +63,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list, got {_show(value)}")
             return ()
         return tuple(_convert(v, get_args(tp)[0], f"{path}.{i}", problems) for i, v in enumerate(value))
+    if origin is dict:
+        return _convert_mapping(value, tp, path, problems)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, problems)
     if tp is bool:
@@ -88,6 +91,14 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp}")  # a bug in this module, not in a recipe
+
+
+def _convert_mapping(value: Any, tp: Any, path: str, problems: list[str]) -> dict:
+    if not isinstance(value, dict):
+        problems.append(f"{path}: expected a mapping, got {_show(value)}")
+        return {}
+    key_tp, value_tp = get_args(tp)
+    return {_convert(k, key_tp, path, problems): _convert(v, value_tp, f"{path}.{k}", problems) for k, v in value.items()}
 
 
 def _check_value(value: Any, meta: dict, path: str, problems: list[str]) -> None:
@@ -149,6 +160,10 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append("model.vision_tower / model.language_model: composing a model needs both")
     if m.revision and not m.name_or_path:
         problems.append("model.revision: applies to model.name_or_path only (pin a composed part's revision in its folder)")
+    if m.image_grid_pinpoints is not None and not m.anyres:
+        problems.append("model.image_grid_pinpoints: applies with model.anyres: true (a NeXT checkpoint keeps its own grid)")
+    if m.image_grid_pinpoints is not None and any(len(p) != 2 or min(p) <= 0 for p in m.image_grid_pinpoints):
+        problems.append("model.image_grid_pinpoints: each pinpoint is a [width, height] pair of positive pixel sizes")
     if r.stage == "align" and m.quantization != "none":
         problems.append("model.quantization: stage align trains only the projector on a frozen model; use quantization: none")
     if r.template == "plain" and r.stage == "instruct":
@@ -275,9 +290,10 @@ def _decode(raw: bytes, path: str | Path) -> str:
 
 def read_yaml(path: str | Path) -> Any:
     """Read a YAML file with the safe loader (no Python objects from a stranger's file)."""
-    p = Path(path)
+    p = find_recipe(path)
     if not p.is_file():
-        raise RecipeError(str(path), ["file not found"])
+        names = ", ".join(shipped_recipes())
+        raise RecipeError(str(path), [f"file not found (shipped recipes, by name: {names}; `lora-llava recipes` lists them)"])
     try:
         text = _decode(p.read_bytes(), path)
     except OSError as e:

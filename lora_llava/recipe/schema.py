@@ -59,6 +59,16 @@ class ModelConfig:
         None,
         "Start from this projector: a stage-1 run folder, a projector.safetensors, a llava-hf folder, or LLaVA's mm_projector.bin.",
     )
+    anyres: bool = _f(
+        False,
+        "LLaVA-1.5-HD: turn a LLaVA-1.5 (checkpoint or composition) into the AnyRes architecture of LLaVA-NeXT with the "
+        "same tower (a global view plus best-fit tiles; a new image_newline, seeded). LLaVA-NeXT checkpoints are AnyRes already.",
+    )
+    image_grid_pinpoints: tuple[tuple[int, ...], ...] | None = _f(
+        None,
+        "AnyRes grid as [width, height] pairs in pixels, whole tiles of the tower's resolution. null: LLaVA-NeXT's "
+        "[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] at 336 px (the same tiles at another resolution).",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +92,28 @@ class ProjectorConfig:
     trainable: bool = _f(True, "Train the projector fully in stage 2 (LLaVA-1.5 does).")
 
 
+# Splits data.eval reads when it names none: the first of these that the dataset has.
+EVAL_SPLITS = ("test", "validation", "val")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Columns:
+    """Which field of a record is what, for datasets that are not in a conversation layout; null: detected."""
+
+    image: str | None = _f(
+        None, "The image(s): a path relative to image_folder, a list of paths, an HF Image feature or image bytes."
+    )
+    question: str | None = _f(None, "The question (one round: question, then answer).")
+    answer: str | None = _f(None, "The reference answer.")
+    system: str | None = _f(None, "A system prompt per record.")
+    id: str | None = _f(None, "The sample id named in reports.")
+    metadata: tuple[str, ...] | None = _f(
+        None,
+        "Fields kept for evaluation (answer_type groups CLOSED/OPEN; a language field groups by language). "
+        "null: those of answer_type, question_type, q_lang, lang, language, content_type, modality the data has.",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class DatasetSpec:
     path: str = _f(help="LLaVA JSON / JSONL file, a Hugging Face dataset folder (save_to_disk), or parquet / jsonl.")
@@ -95,6 +127,18 @@ class DatasetSpec:
     max_samples: int | None = _f(None, "Use at most this many samples of the dataset.", gt=0, max=MAX_COUNT)
     response_suffix: str | None = _f(
         None, "Appended to each question, e.g. 'Answer the question using a single word or phrase.' for short-answer VQA."
+    )
+    columns: Columns = field(
+        default_factory=Columns,
+        metadata={"help": "Field names of a question/answer layout (VQA-RAD, SLAKE, PathVQA, query/response, prompt/completion)."},
+    )
+    filters: dict[str, str | tuple[str, ...]] | None = _f(
+        None, "Keep only records whose field equals the value (or one of the list), e.g. {q_lang: en}."
+    )
+    split: str | tuple[str, ...] | None = _f(
+        None,
+        "Split of a dataset folder (DatasetDict, or parquet files named train-*.parquet / test-*.parquet); a list: the "
+        "first that exists. null: train for data.train, the first of test, validation, val for data.eval.",
     )
 
 
@@ -132,6 +176,17 @@ class DataConfig:
         False, "Allow image paths outside their image folder (absolute, ../, or symlinks that lead out)."
     )
 
+    def __post_init__(self):
+        # Each split default is written into its spec, so the resolved recipe says what was read.
+        object.__setattr__(self, "train", _default_split(self.train, "train"))
+        object.__setattr__(self, "eval", _default_split(self.eval, EVAL_SPLITS))
+
+
+def _default_split(specs: tuple[DatasetSpec, ...], split: str | tuple[str, ...]) -> tuple[DatasetSpec, ...]:
+    if not isinstance(specs, tuple):  # a wrong type, which the recipe parser reports
+        return specs
+    return tuple(s if not isinstance(s, DatasetSpec) or s.split is not None else dataclasses.replace(s, split=split) for s in specs)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -163,6 +218,12 @@ class TrainConfig:
     save_steps: int = _f(500, "Save a checkpoint every N steps.", gt=0, max=MAX_COUNT)
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.", gt=0, max=MAX_COUNT)
     eval_steps: int | None = _f(None, "Evaluate on data.eval every N steps (null: only at the end).", gt=0, max=MAX_COUNT)
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = _f(
+        "none",
+        "Also log to an experiment tracker, through transformers' integration (pip extra of the same name, "
+        'e.g. pip install "lora-llava[tensorboard]"); metrics.jsonl and loss.png are written either way.',
+    )
+    run_name: str | None = _f(None, "The run's name in the tracker (null: the name of the output folder).")
     seed: int = _f(42, "Seed of initialisation, data order and dropout.", min=0, max=2**32 - 1)
     on_nonfinite: Literal["stop", "skip"] = _f(
         "stop",
@@ -207,6 +268,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is tuple:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(get_args(tp)[0])} to {_type_name(get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return {type(None): "null", str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
-from ..model.projector import PROJECTOR_MODULE
+from ..model.projector import NEWLINE, PROJECTOR_MODULE
 from ..recipe.schema import Recipe
 
 
@@ -44,6 +45,9 @@ def setup_instruct(model, recipe: Recipe):
         bias="none",
     )
     peft_model = get_peft_model(model, config)  # adapters start in fp32 (autocast_adapter_dtype)
+    if recipe.projector.trainable and getattr(model.model, NEWLINE, None) is not None:
+        getattr(model.model, NEWLINE).requires_grad_(True)  # AnyRes: trained with the projector, at its rate
+        keep_newline_in_adapter(peft_model)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights for everything that trains
@@ -77,12 +81,48 @@ def setup_align(model, recipe: Recipe):
     projector = model.model.multi_modal_projector
     projector.float()
     projector.requires_grad_(True)
+    newline = getattr(model.model, NEWLINE, None)
+    if newline is not None:  # AnyRes: stage 1 aligns the row separator with the projector
+        newline.data = newline.data.float()
+        newline.requires_grad_(True)
     check_trainable(model, recipe)
     return model
 
 
+def keep_newline_in_adapter(peft_model) -> None:
+    """Save `image_newline` in adapter_model.safetensors beside LoRA and the projector.
+
+    peft saves adapter weights and `modules_to_save` only, and image_newline is a parameter, not a
+    module. Its key, `base_model.model.model.image_newline`, carries no adapter name, so peft's
+    loader hands it to `load_state_dict` as it is and it lands on the parameter again.
+    """
+    import types
+
+    from safetensors.torch import load_file, save_file
+
+    original = peft_model.save_pretrained
+    key = f"base_model.model.model.{NEWLINE}"
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        original(save_directory, *args, state_dict=state_dict, **kwargs)
+        path = Path(save_directory) / "adapter_model.safetensors"
+        if not path.is_file():
+            return
+        value = state_dict.get(key) if state_dict is not None else None
+        value = value if value is not None else getattr(self.get_base_model().model, NEWLINE)
+        tensors = load_file(str(path))
+        tensors[key] = value.detach().to("cpu").contiguous()
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    peft_model.save_pretrained = types.MethodType(save_pretrained, peft_model)
+
+
 def is_projector(name: str) -> bool:
     return f"{PROJECTOR_MODULE}." in name
+
+
+def is_newline(name: str) -> bool:
+    return name.endswith(NEWLINE)
 
 
 def is_lora(name: str) -> bool:
@@ -93,11 +133,13 @@ def check_trainable(model, recipe: Recipe) -> None:
     """Fail loudly if what trains is not exactly what the recipe says."""
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if recipe.stage == "align":
-        wrong = [n for n in trainable if not is_projector(n)]
+        wrong = [n for n in trainable if not (is_projector(n) or is_newline(n))]
         missing = not any(is_projector(n) for n in trainable)
     else:
         wrong = [
-            n for n in trainable if not ((is_lora(n) and "language_model" in n) or (is_projector(n) and "modules_to_save" in n))
+            n
+            for n in trainable
+            if not ((is_lora(n) and "language_model" in n) or (is_projector(n) and "modules_to_save" in n) or is_newline(n))
         ]
         missing = not any(is_lora(n) for n in trainable) or (
             recipe.projector.trainable and not any(is_projector(n) for n in trainable)
@@ -139,7 +181,7 @@ def param_report(model) -> ParamReport:
         if p.requires_grad:
             if is_lora(name):
                 lora += n
-            elif is_projector(name):
+            elif is_projector(name) or is_newline(name):
                 proj += n
     return ParamReport(lora, proj, total)
 
@@ -149,7 +191,7 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
     lora, proj = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (proj if is_projector(name) else lora).append(p)
+            (proj if is_projector(name) or is_newline(name) else lora).append(p)
     if recipe.stage == "align":
         return [
             {"params": proj, "lr": recipe.train.learning_rate, "weight_decay": recipe.train.weight_decay, "name": "projector"}

@@ -37,6 +37,8 @@ RESUME_FREE_KEYS = {
     "data.num_workers",
     "data.eval",
     "train.loss",  # chunked and standard cross-entropy compute the same loss
+    "train.report_to",  # where logs are copied, not what is trained
+    "train.run_name",
 }
 
 

@@ -8,7 +8,6 @@ written, so a failed start leaves the output folder as it was.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -18,19 +17,22 @@ from transformers import set_seed
 
 from .. import distributed
 from ..data.batching import estimated_padding
-from ..data.build import build_dataset
+from ..data.build import build_dataset, check_local_inputs
 from ..data.dataset import collate
 from ..evaluate.callback import eval_callbacks
 from ..io import move_into
 from ..model.build import load_for_training
 from ..model.load import resolve_dtype
 from ..recipe.parse import dump_recipe
+from ..recipe.paths import absolute_paths
 from ..recipe.schema import Recipe
 from ..runs import FINAL_STAGING, RunPaths, read_metrics
 from .guards import NO_SPACE, Interrupted, StopOnNonFiniteWeights, StopOnSignal, all_finite, no_space, nonfinite_weights
 from .lora import check_rank, enable_checkpointing, param_report, setup_align, setup_instruct
 from .plots import plot_run
+from .progress import show_bar, use_progress_lines
 from .resume import prepare_output_dir
+from .tracking import check_tracker, tracker_arguments
 from .trainer import LlavaTrainer, MetricsCallback
 
 log = logging.getLogger("lora_llava")
@@ -66,9 +68,9 @@ def training_arguments(recipe: Recipe, out: Path, has_eval: bool, text_only: boo
         data_seed=t.seed,
         remove_unused_columns=False,  # the collator's pixel_values are not in the dataset's columns
         dataloader_num_workers=recipe.data.num_workers,
-        report_to="none",
+        **tracker_arguments(recipe, out),
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=os.environ.get("LORA_LLAVA_PROGRESS", "1") == "0",
+        disable_tqdm=not show_bar(),  # off: one line per log instead (use_progress_lines)
         # A batch of text-only samples never reaches the projector: under DDP its trained weights then get no
         # gradient, which DDP must be told to expect (LLaVA-1.5's mixture has 40K text-only ShareGPT samples).
         ddp_find_unused_parameters=text_only,
@@ -91,10 +93,13 @@ def print_start(report, recipe: Recipe, train_ds, world_size: int) -> None:
 
 def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = None) -> Path:
     """Train `recipe`; returns the run folder (adapter or projector, recipe, metrics, loss curve)."""
+    recipe = absolute_paths(recipe)  # the run folder's recipe must work from any working directory
     out = Path(recipe.train.output_dir)
     distributed.check_engine(recipe)
+    check_tracker(recipe)
     distributed.init()
     checkpoint = prepare_output_dir(out, recipe, overwrite=overwrite, resume=resume, create=False)
+    check_local_inputs(recipe)  # every local input before the first download
     model, processor = load_for_training(recipe)
     check_rank(model, recipe)
     train_ds = build_dataset(recipe, processor)
@@ -128,14 +133,10 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         recipe=recipe,
         lengths=train_ds.modality_lengths() if recipe.group_by_modality_length else None,
     )
+    use_progress_lines(trainer)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.stopped is not None:
-        name = signal.Signals(stop.stopped).name
-        raise Interrupted(
-            f"stopped by {name} at step {trainer.state.global_step}; checkpoint saved in "
-            f"{out / f'checkpoint-{trainer.state.global_step}'}; run the same command again to resume",
-            stop.stopped,
-        )
+        raise _interrupted(stop.stopped, trainer.state.global_step, out)
     distributed.dump_rank_state(trainer.model)
     if eval_ds is not None:
         trainer.evaluate()
@@ -147,6 +148,15 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         save_outputs(model, processor, recipe, paths, state_dict, step=trainer.state.global_step)
     distributed.barrier()  # when train() returns, on any rank, the run folder is complete
     return out
+
+
+def _interrupted(signum: int, step: int, out: Path) -> Interrupted:
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"stopped by {name} at step {step}; checkpoint saved in {out / f'checkpoint-{step}'}; "
+        "run the same command again to resume",
+        signum,
+    )
 
 
 def _report_skipped(trainer, device) -> None:

@@ -29,6 +29,7 @@ from ..recipe.parse import apply_overrides, parse_recipe, read_yaml, recipe_to_d
 from ..recipe.schema import Recipe
 from ..runs import RunPaths
 from .resume import changed_keys
+from .tracking import check_tracker
 
 STAGE_OVERRIDE = re.compile(r"^(\d+):(.+)$")
 
@@ -108,6 +109,7 @@ def _follow(raw: dict, previous: Recipe, stage: int, source: str) -> list[str]:
 def check_inputs(recipes: list[Recipe]) -> None:
     """What can be checked cheaply before hours of stage 1: data files, image folders, model sources not made by a stage."""
     for i, r in enumerate(recipes):
+        check_tracker(r)
         for spec in r.data.train + r.data.eval:
             if not Path(spec.path).exists():
                 raise DataError(f"{spec.path}: data file not found (stage {i + 1})")

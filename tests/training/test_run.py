@@ -43,6 +43,10 @@ def test_medical_recipe_runs_qlora_and_writes_run_folder(medical_qlora):
     for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "metrics.jsonl", "loss.png"):
         assert (out / name).is_file(), name
     assert "trainable parameters:" in result.stdout and "LoRA" in result.stdout and "projector" in result.stdout
+    # A captured log: one progress line per logged step, neither tqdm's redraws nor raw dicts.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("step ") and " loss " in line]
+    assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"], result.stderr[-2000:]
+    assert "/3 [" not in result.stderr and "{'loss'" not in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"

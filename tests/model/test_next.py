@@ -1,0 +1,129 @@
+"""LLaVA-NeXT (AnyRes): the grid chosen as the reference code chooses it, and image tokens equal to the model's features."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_llava.data.dataset import LlavaDataset, collate
+from lora_llava.data.encode import anyres_token_count, anyres_worst_case
+from lora_llava.data.formats import TOO_LONG, SampleError
+from lora_llava.data.images import image_inputs
+from lora_llava.model.family import NEXT, default_grid, family_of, next_config
+from lora_llava.model.load import load_model, load_processor
+from lora_llava.recipe.schema import DatasetSpec, ModelConfig
+
+
+def reference_best_resolution(width: int, height: int, pinpoints: list[list[int]]) -> tuple[int, int]:
+    """The reference LLaVA code's choice, written from its description: pairs read as (width, height), first best wins."""
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for w, h in pinpoints:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = w * h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (w, h), effective, wasted
+    return best
+
+
+def reference_tokens(width: int, height: int, tile: int, patch: int, pinpoints) -> int:
+    """Features of the reference `spatial_unpad` packing: unpadded tile features, a newline per row, the global view."""
+    w, h = reference_best_resolution(width, height, pinpoints)
+    side = tile // patch
+    rows, cols = side * (h // tile), side * (w // tile)
+    if width / height > cols / rows:
+        new = int(height * cols / width)
+        rows -= 2 * ((rows - new) // 2)
+    else:
+        new = int(width * rows / height)
+        cols -= 2 * ((cols - new) // 2)
+    return rows * cols + rows + side * side
+
+
+@pytest.fixture(scope="module")
+def processor_336(tmp_path_factory, tiny_next):
+    """A NeXT processor at LLaVA-NeXT's real resolution and grid (336-px tiles), from a config alone."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from lora_llava.model.compose import llava_config
+    from lora_llava.model.processor import next_processor
+
+    tokenizer = load_processor(str(tiny_next)).tokenizer
+    config = next_config(llava_config(CLIPVisionConfig(image_size=336, patch_size=14), LlamaConfig(), tokenizer))
+    return next_processor(tokenizer, config)
+
+
+def test_the_grid_is_the_reference_choice_ties_included(processor_336):
+    grid = default_grid(336)
+    assert grid == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert anyres_token_count(processor_336, 300, 100) == 776  # transformers as shipped: 1360
+    sizes = [(300, 100), (100, 300), (336, 336), (200, 200), (50, 40), (1000, 400), (400, 1000), (2000, 2000), (672, 336)]
+    sizes += [(p[0], p[1]) for p in grid] + [(1200, 300), (300, 1200), (640, 480), (480, 640), (1024, 768)]
+    for w, h in sizes:
+        assert anyres_token_count(processor_336, w, h) == reference_tokens(w, h, 336, 14, grid), (w, h)
+    assert anyres_worst_case(processor_336) == 2928  # 576 + a full 2 x 2 grid (2304) + 48 row newlines
+
+
+def test_a_next_checkpoint_is_detected_and_its_grid_read_once(tiny_next, tmp_path):
+    config = json.loads((tiny_next / "config.json").read_text())
+    assert config["model_type"] == NEXT and config["grid_pinpoints_order"] == "height_width"
+    model = load_model(ModelConfig(name_or_path=str(tiny_next), dtype="float32"))
+    assert family_of(model.config) == NEXT
+    assert model.config.image_grid_pinpoints == [[112, 56], [56, 112], [112, 112], [56, 168], [168, 56]]  # swapped once
+    assert load_processor(str(tiny_next)).image_processor.image_grid_pinpoints == model.config.image_grid_pinpoints
+
+
+SIZES = [(w, h) for w in (1, 7, 30, 56, 57, 100, 112, 168, 300, 1000) for h in (1, 20, 56, 90, 168, 700)]
+SIZES += [(56, 112), (112, 56), (112, 112), (168, 56), (56, 168), (3000, 12), (12, 3000)]
+
+
+def test_image_tokens_equal_the_features_the_model_packs(tiny_next):
+    """For 67 sizes (tall, wide, tiny, huge, each pinpoint): the data pipeline's count is the model's feature count."""
+    model = load_model(ModelConfig(name_or_path=str(tiny_next), dtype="float32")).eval()
+    processor = load_processor(str(tiny_next))
+    images = [Image.new("RGB", size, (10 * i % 255, 80, 160)) for i, size in enumerate(SIZES)]
+    inputs = image_inputs(images, processor.image_processor)
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-2)
+    lengths = [len(f) for f in out.pooler_output]  # per image: packed as the language model receives them
+    counts = [anyres_token_count(processor, *im.size) for im in images]
+    assert lengths == counts
+    assert len(set(counts)) > 8
+
+
+def test_a_forward_pass_runs_at_every_max_length(tiny_next, tmp_path):
+    processor = load_processor(str(tiny_next))
+    model = load_model(ModelConfig(name_or_path=str(tiny_next), dtype="float32")).eval()
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (150, 40), "red").save(tmp_path / "images" / "wide.png")
+    Image.new("RGB", (30, 120), "blue").save(tmp_path / "images" / "tall.png")
+    conv = [
+        {"from": "human", "value": "<image>\nWhat colour is the wide one?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "<image>\nAnd this one?"},
+        {"from": "gpt", "value": "blue, and it is tall"},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "two", "image": ["wide.png", "tall.png"], "conversations": conv}]))
+    spec = DatasetSpec(path=str(tmp_path / "d.json"), image_folder=str(tmp_path / "images"))
+    first = anyres_token_count(processor, 150, 40)
+    fitted = too_long = 0
+    for max_length in range(first - 5, first + anyres_token_count(processor, 30, 120) + 60, 4):
+        ds = LlavaDataset((spec,), processor, "vicuna_v1", max_length)
+        try:
+            item = ds[0]
+        except Exception as e:  # the only sample cannot fit: the dataset says so
+            assert "no usable image sample" in str(e)
+            too_long += 1
+            with pytest.raises(SampleError) as err:
+                ds.encode_sample(ds.sample(0))
+            assert err.value.kind == TOO_LONG
+            continue
+        assert len(item["input_ids"]) <= max_length
+        with torch.no_grad():
+            out = model(**collate([item], processor.tokenizer.pad_token_id))
+        assert torch.isfinite(out.loss)
+        fitted += 1
+    assert fitted > 10 and too_long >= 1
