@@ -317,3 +317,26 @@ def test_estimate_composes_the_shape_of_two_parts(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     shape = model_shape(ModelConfig(vision_tower=str(tmp_path / "clip"), language_model=str(tmp_path / "llm")))
     assert shape.__class__(**{**shape.__dict__, "source": ""}) == BUILTIN_SHAPES["llava-hf/llava-1.5-7b-hf"]
+
+
+def test_next_shapes_count_the_worst_image_of_their_grid(tiny_next, tiny_model, shapes, tmp_path):
+    """2,928 image tokens for LLaVA-NeXT at 336 px: 576 global + a full 2 x 2 grid (2,304) + 48 row newlines."""
+    from lora_llava.data.encode import anyres_worst_case
+    from lora_llava.model.load import load_processor
+
+    for name in ("llava-hf/llava-v1.6-vicuna-13b-hf", "llava-hf/llava-v1.6-mistral-7b-hf"):
+        shape = model_shape(load_recipe("next_7b_lora", [f"model.name_or_path={name}"]).model)
+        assert (shape.image_tokens, shape.vision_tokens) == (2928, 5 * 576)
+    local = model_shape(_recipe(tiny_next, shapes, tmp_path, quantized=True).model)
+    assert local.image_tokens == anyres_worst_case(load_processor(str(tiny_next)))  # the data pipeline's own count
+    hd = model_shape(parse_recipe(recipe_dict(tiny_model, shapes, tmp_path, model={"name_or_path": str(tiny_model), "anyres": True}), "t").model)
+    assert hd.image_tokens == local.image_tokens  # LLaVA-1.5-HD of the same tower: the same grid in tiles
+
+
+def test_estimate_says_whether_next_13b_qlora_fits_24gib_at_4096(tmp_path):
+    result = run_cli("estimate", "hd_from_llava15", "model.anyres=false", "model.image_grid_pinpoints=null",
+                     "model.name_or_path=llava-hf/llava-v1.6-vicuna-13b-hf", "--gpu-memory", "24GiB", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2928 image tokens per sample, the worst case of the AnyRes grid" in result.stdout
+    assert "batch 1 x 4096 tokens" in result.stdout
+    assert "fits: 24.0 GiB card" in result.stdout or "cheapest changes that fit" in result.stdout

@@ -52,7 +52,8 @@ def report(est, recipe, shape) -> list[str]:
     t = recipe.train
     lines = [
         f"model: {shape.source}",
-        f"batch {t.batch_size} x {recipe.data.max_length} tokens ({shape.image_tokens} image tokens per sample), "
+        f"batch {t.batch_size} x {recipe.data.max_length} tokens ({shape.image_tokens} image tokens per sample"
+        f"{', the worst case of the AnyRes grid' if shape.grid else ''}), "
         f"quantization {recipe.model.quantization}, LoRA r={recipe.lora.r}, optimizer {t.optimizer}, loss {t.loss}, "
         f"checkpointing {'on' if t.gradient_checkpointing else 'off'}",
     ]

@@ -7,6 +7,14 @@ The exact strings (pinned by tests):
   Generation prompt: `{system} USER: <image>\\n{q} ASSISTANT:`
 * `plain` (LLaVA-1.5 stage 1), BOS first: `<image>{caption}\\n`; the human turn is dropped
   and, as in the reference, no `</s>` follows (only the caption and the newline are supervised).
+* `mistral_instruct` (LLaVA-NeXT on Mistral-7B; the reference `conv_mistral_instruct`, LLAMA_2 separators
+  with no system prompt), BOS first: `[INST] <image>\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST] {a2} </s>`;
+  a system prompt, when given, opens the first question as `<<SYS>>\n{system}\n<</SYS>>\n\n`.
+  Generation prompt: `[INST] <image>\n{q} [/INST]`.
+* `chatml_direct` (LLaVA-NeXT-34B; the reference `conv_chatml_direct`, MPT separators), BOS first:
+  `<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n{q1}<|im_end|>`
+  `<|im_start|>assistant\n{a1}<|im_end|>...`; generation prompt ends `<|im_start|>assistant\n`, and
+  `<|im_end|>` ends each answer (and generation) in place of the tokenizer's EOS.
 * `chat_template`: the model's own Jinja template, rendered turn by turn; BOS is added when
   the template does not write it, and `</s>` after each answer when the template omits it
   (llava-hf's does, and a model trained without it never learns to stop). With llava-hf's
@@ -34,10 +42,17 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("vicuna_v1", "plain", "chat_template")
+CHATML_SYSTEM = "Answer the questions."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+TEMPLATES = ("vicuna_v1", "plain", "mistral_instruct", "chatml_direct", "chat_template")
 # LLaVA's own templates are tokenised as its code does, one piece per `<image>`-separated chunk;
 # `chat_template` follows the model's processor (one call on the whole text).
-IMAGE_CHUNK_TEMPLATES = ("vicuna_v1", "plain")
+IMAGE_CHUNK_TEMPLATES = ("vicuna_v1", "plain", "mistral_instruct", "chatml_direct")
+
+
+def stop_token(template: str, tokenizer) -> str:
+    """The token that ends an answer under `template` (training supervises it; generation stops at it)."""
+    return IM_END if template == "chatml_direct" else tokenizer.eos_token
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,10 @@ def render(sample: Sample, template: str, tokenizer, system_prompt: str | None =
                 sample.id, MALFORMED, f"the plain template takes one caption per sample, got {len(sample.turns) // 2} rounds"
             )
         return dataclasses.replace(_render_plain(sample.turns), image_chunks=True)
+    if template == "mistral_instruct":
+        return dataclasses.replace(_render_mistral(sample.turns, sample.system or system_prompt, tokenizer.eos_token), image_chunks=True)
+    if template == "chatml_direct":
+        return dataclasses.replace(_render_chatml(sample.turns, sample.system or system_prompt or CHATML_SYSTEM), image_chunks=True)
     if template == "chat_template":
         return _render_chat_template(sample.turns, sample.system or system_prompt, tokenizer)
     raise ValueError(f"unknown template {template!r}")
@@ -74,6 +93,13 @@ def generation_prompt(turns: list[tuple[str, str]], template: str, tokenizer, sy
         return f"{done}USER: {turns[-1][1]} ASSISTANT:"
     if template == "plain":
         return IMAGE_TAG * turns[-1][1].count(IMAGE_TAG)
+    if template == "mistral_instruct":
+        done = _render_mistral(tuple(turns[:-1]), system_prompt, tokenizer.eos_token).text
+        return done + _mistral_question(turns[-1][1], system_prompt if not done else None)
+    if template == "chatml_direct":
+        system = system_prompt or CHATML_SYSTEM
+        done = _render_chatml(tuple(turns[:-1]), system).text or f"{IM_START}system\n{system}{IM_END}"
+        return f"{done}{IM_START}user\n{turns[-1][1]}{IM_END}{IM_START}assistant\n"
     messages = _messages(turns, system_prompt)
     return _apply(tokenizer, messages, add_generation_prompt=True)
 
@@ -90,6 +116,43 @@ def _render_vicuna(turns: tuple[tuple[str, str], ...], system: str, eos: str) ->
         start = len(text)  # the space below is the model's first output after the generation prompt
         text += " "
         text += turns[k + 1][1] + eos
+        spans.append((start, len(text)))
+        ends.append(len(text))
+    return Rendered(text, tuple(spans), tuple(ends), tuple(questions))
+
+
+def _mistral_question(question: str, system: str | None) -> str:
+    wrapped = f"<<SYS>>\n{system}\n<</SYS>>\n\n{question}" if system else question
+    return f"[INST] {wrapped} [/INST]"
+
+
+def _render_mistral(turns: tuple[tuple[str, str], ...], system: str | None, eos: str) -> Rendered:
+    """The reference LLAMA_2 separators: `[INST] q [/INST]`, then ` a </s>` (a space either side of the answer)."""
+    text, spans, ends, questions = "", [], [], []
+    for k in range(0, len(turns), 2):
+        prompt = _mistral_question(turns[k][1], system if k == 0 else None)
+        at = len(text) + prompt.index(turns[k][1]) if turns[k][1] else len(text)
+        questions.append((at, at + len(turns[k][1])))
+        text += prompt
+        start = len(text)
+        text += f" {turns[k + 1][1]} {eos}"
+        spans.append((start, len(text)))
+        ends.append(len(text))
+    return Rendered(text, tuple(spans), tuple(ends), tuple(questions))
+
+
+def _render_chatml(turns: tuple[tuple[str, str], ...], system: str) -> Rendered:
+    """The reference MPT separators with ChatML roles, no newline between turns: answers end with `<|im_end|>`."""
+    if not turns:
+        return Rendered("", (), ())
+    text = f"{IM_START}system\n{system}{IM_END}"
+    spans, ends, questions = [], [], []
+    for k in range(0, len(turns), 2):
+        text += f"{IM_START}user\n"
+        questions.append((len(text), len(text) + len(turns[k][1])))
+        text += f"{turns[k][1]}{IM_END}{IM_START}assistant\n"
+        start = len(text)
+        text += turns[k + 1][1] + IM_END
         spans.append((start, len(text)))
         ends.append(len(text))
     return Rendered(text, tuple(spans), tuple(ends), tuple(questions))

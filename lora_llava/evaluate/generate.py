@@ -30,7 +30,7 @@ from ..data.dataset import tokens_per_image
 from ..data.encode import anyres_token_count, encode
 from ..data.formats import IMAGE_TAG
 from ..data.images import image_inputs, is_anyres, open_image
-from ..data.templates import IMAGE_CHUNK_TEMPLATES, TEMPLATES, Rendered, generation_prompt
+from ..data.templates import IMAGE_CHUNK_TEMPLATES, TEMPLATES, Rendered, generation_prompt, stop_token
 from ..errors import DataError, LoraLlavaError, ModelError
 from ..recipe.parse import load_recipe
 from ..recipe.schema import ModelConfig
@@ -130,7 +130,7 @@ class Predictor:
             temperature=sampling.temperature if sample else None,
             top_p=sampling.top_p if sample else None,
             top_k=None,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=tok.convert_tokens_to_ids(stop_token(self.template, tok)) if self.template in TEMPLATES else tok.eos_token_id,
             pad_token_id=pad,
             use_cache=True,  # training switches the cache off in the config
             streamer=streamer,

@@ -201,7 +201,8 @@ def activation_terms(shape: ModelShape, recipe: Recipe, device: str = "cuda") ->
     lora, proj = _trained_numels(shape, recipe)
     lora_layer = sum(lora) // shape.layers
     int8_kept = bt * s * (2 * h + shape.heads * shape.head_dim + i) if recipe.model.quantization == "int8" else 0
-    other = bt * (4 * h + 4 + 2 * shape.head_dim * s) + t.batch_size * s * shape.image_tokens * (shape.vision_hidden + 2 * h)
+    # The tower and the projector see every crop (AnyRes: the global view and each tile), before unpadding.
+    other = bt * (4 * h + 4 + 2 * shape.head_dim * s) + t.batch_size * s * shape.vision_tokens * (shape.vision_hidden + 2 * h)
     dequant = max(a * b for a, b in shape.linears().values()) * s if recipe.model.quantization != "none" else 0
     if t.loss == "chunked":
         rows = min(sup, chunk_rows(v))

@@ -7,6 +7,7 @@ merge is (the parity figures), and how to load it with plain transformers.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -76,15 +77,15 @@ def _parity(parity: ParityReport | None) -> list[str]:
     ]
 
 
-def _usage(name: str, dtype: torch.dtype) -> list[str]:
+def _usage(name: str, dtype: torch.dtype, cls: str = "LlavaForConditionalGeneration") -> list[str]:
     dt = str(dtype).removeprefix("torch.")
     return [
         "```python",
         "import torch",
         "from PIL import Image",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        f"from transformers import AutoProcessor, {cls}",
         "",
-        f'model = LlavaForConditionalGeneration.from_pretrained("{name}", dtype=torch.{dt}, device_map="auto")',
+        f'model = {cls}.from_pretrained("{name}", dtype=torch.{dt}, device_map="auto")',
         f'processor = AutoProcessor.from_pretrained("{name}")',
         'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
@@ -95,21 +96,24 @@ def _usage(name: str, dtype: torch.dtype) -> list[str]:
     ]
 
 
-def model_card(name: str, src, mode: str, dtype: torch.dtype, parity: ParityReport | None) -> str:
+def model_card(name: str, src, mode: str, dtype: torch.dtype, parity: ParityReport | None, model_type: str = "llava") -> str:
     """README.md text for the merged checkpoint `name` made from the run `src` (a MergeSource)."""
     recipe: Recipe = src.recipe
+    next_ = model_type == "llava_next"
+    kind = ("LLaVA-1.5-HD (AnyRes)" if recipe.model.anyres else "LLaVA-NeXT") if next_ else "LLaVA-1.5"
+    cls = "LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"
     base = recipe.model.name_or_path or src.base
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: image-text-to-text",
         f"base_model: {base}",
-        "tags: [llava, llava-1.5, lora, lora-llava]",
+        f"tags: [llava, {'llava-next' if next_ else 'llava-1.5'}, lora, lora-llava]",
         "---",
         "",
         f"# {name}",
         "",
-        f"LLaVA-1.5 adapted with lora-llava {__version__}, merged into one standalone checkpoint: "
+        f"{kind} adapted with lora-llava {__version__}, merged into one standalone checkpoint: "
         "transformers loads it without peft.",
         "",
         "## Base model",
@@ -139,7 +143,7 @@ def model_card(name: str, src, mode: str, dtype: torch.dtype, parity: ParityRepo
         "",
         f"The chat template renders the `{recipe.template}` prompt the model was trained on.",
         "",
-        *_usage(name, dtype),
+        *_usage(name, dtype, cls),
         "",
     ]
     return "\n".join(lines)
@@ -147,7 +151,8 @@ def model_card(name: str, src, mode: str, dtype: torch.dtype, parity: ParityRepo
 
 def write_card(folder: Path, name: str, src, mode: str, dtype: torch.dtype, parity: ParityReport | None) -> None:
     """README.md and recipe.yaml (the run's recipe file, else the resolved recipe) in `folder`."""
-    (folder / "README.md").write_text(model_card(name, src, mode, dtype, parity), encoding="utf-8")
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "llava")
+    (folder / "README.md").write_text(model_card(name, src, mode, dtype, parity, model_type), encoding="utf-8")
     if src.recipe_file is not None and src.recipe_file.is_file():
         shutil.copyfile(src.recipe_file, folder / "recipe.yaml")
     else:

@@ -175,9 +175,12 @@ def load_trained_model(recipe: Recipe, base: str, adapter_dir: Path | None, proj
 
 def load_merged_model(folder: Path, dtype: torch.dtype, offload_dir: Path):
     """The merged checkpoint as transformers loads it; what does not fit in memory is read from disk."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
-    return LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map="auto", offload_folder=str(offload_dir))
+    from ..model.family import family_of, model_class
+
+    cls = model_class(family_of(AutoConfig.from_pretrained(folder)))
+    return cls.from_pretrained(folder, dtype=dtype, device_map="auto", offload_folder=str(offload_dir))
 
 
 def check_parity(

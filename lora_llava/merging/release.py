@@ -17,8 +17,10 @@ import torch
 
 from ..data.encode import tokenize
 from ..data.formats import IMAGE_TAG
-from ..data.templates import VICUNA_SYSTEM
+from ..data.images import is_anyres
+from ..data.templates import CHATML_SYSTEM, VICUNA_SYSTEM, stop_token
 from ..errors import ModelError, first_line
+from ..recipe.schema import ModelConfig
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -57,6 +59,62 @@ def vicuna_chat_template(system: str | None, eos_token: str, after_image: str = 
     )
 
 
+# Jinja pieces shared by the templates below: the system message taken off the front, a message's text and images.
+_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "{%- endif -%}{%- set messages = messages[1:] -%}{%- endif -%}"
+)
+
+
+def _user(image: str) -> str:
+    return (
+        "{%- if message['content'] is string -%}{{- message['content'] | replace('<image>\\n', " + image + ") -}}"
+        "{%- else -%}"
+        "{%- for c in message['content'] | selectattr('type', 'equalto', 'image') -%}{{- " + image + " -}}{%- endfor -%}"
+        "{%- for c in message['content'] | selectattr('type', 'equalto', 'text') -%}{{- c['text'] -}}{%- endfor -%}"
+        "{%- endif -%}"
+    )
+
+
+_ANSWER = (
+    "{%- if message['content'] is string -%}{%- set answer = message['content'] -%}"
+    "{%- else -%}{%- set answer = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "{%- endif -%}"
+)
+
+
+def mistral_chat_template(system: str | None, eos_token: str, after_image: str = "\n") -> str:
+    """The `mistral_instruct` render: `[INST] {q} [/INST] {a} </s>`, a system prompt in `<<SYS>>` before the first question."""
+    image = json.dumps(IMAGE_TAG + after_image)
+    return (
+        "{%- set ns = namespace(system=" + json.dumps(system or "") + ") -%}" + _SYSTEM + "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{- '[INST] ' -}}"
+        "{%- if loop.first and ns.system -%}{{- '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
+        + _user(image)
+        + "{{- ' [/INST]' -}}{%- elif message['role'] == 'assistant' -%}"
+        + _ANSWER
+        + "{% generation %}{{- ' ' + answer + ' ' + " + json.dumps(eos_token) + " -}}{% endgeneration %}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+def chatml_chat_template(system: str | None, after_image: str = "\n") -> str:
+    """The `chatml_direct` render: ChatML turns with no newline between them, `<|im_end|>` after each."""
+    image = json.dumps(IMAGE_TAG + after_image)
+    return (
+        "{%- set ns = namespace(system=" + json.dumps(system or CHATML_SYSTEM) + ") -%}" + _SYSTEM
+        + "{{- '<|im_start|>system\\n' + ns.system + '<|im_end|>' -}}{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{- '<|im_start|>user\\n' -}}"
+        + _user(image)
+        + "{{- '<|im_end|>' -}}{%- elif message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+        + _ANSWER
+        + "{% generation %}{{- answer + '<|im_end|>' -}}{% endgeneration %}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+
+
 def text_after_image(tokenizer) -> str:
     """What the release's template writes after `<image>` so that one-call tokenisation gives training's ids.
 
@@ -79,11 +137,13 @@ def text_after_image(tokenizer) -> str:
     )
 
 
-def write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
-    """The base model's config, with the merged dtype."""
+def write_config(base_dir: Path, out: Path, dtype: torch.dtype, model: ModelConfig | None = None) -> None:
+    """The config the run trained (the base's; NeXT's grid in the reference order; LLaVA-1.5-HD's), with the merged dtype."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base_dir)
+    from ..model.load import model_config
+
+    config = model_config(model, str(base_dir)) if model is not None else AutoConfig.from_pretrained(base_dir)
     if getattr(config, "quantization_config", None):
         raise ModelError(f"{base_dir}: a quantized checkpoint; merging needs the 16-bit base model the run was loaded from")
     config.dtype = _DTYPE_NAMES[dtype]
@@ -98,8 +158,8 @@ def write_generation_config(base_dir: Path, out: Path, tokenizer, template: str)
         gen = GenerationConfig.from_pretrained(base_dir)
     except OSError:
         gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_dir))
-    if template == "vicuna_v1":
-        gen.eos_token_id = tokenizer.eos_token_id
+    if template in ("vicuna_v1", "mistral_instruct", "chatml_direct"):
+        gen.eos_token_id = tokenizer.convert_tokens_to_ids(stop_token(template, tokenizer))
     if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
     gen.save_pretrained(out)
@@ -127,6 +187,8 @@ def release_image_processor(image_processor, aspect: str):
     checkpoint's processor does; llava-hf ships a CLIPImageProcessor, which centre-crops and ignores
     `do_pad`. The release gets a LlavaImageProcessor with `do_pad=True` and the same settings.
     """
+    if is_anyres(image_processor):
+        return image_processor  # AnyRes resizes and pads its tiles itself, in training and here alike
     pads = bool(getattr(image_processor, "do_pad", False))
     if aspect == "crop" and pads:
         image_processor.do_pad = False
@@ -146,11 +208,14 @@ def write_processor(processor_source: str | Path, out: Path, template: str, syst
         processor = AutoProcessor.from_pretrained(processor_source)
     except OSError as e:
         raise ModelError(f"{processor_source}: cannot load the processor ({first_line(e)})") from None
-    if template == "vicuna_v1":
-        tok = processor.tokenizer
-        chat = vicuna_chat_template(system_prompt, tok.eos_token, text_after_image(tok))
-        processor.chat_template = chat
-        processor.tokenizer.chat_template = chat
+    tok = processor.tokenizer
+    chat = {
+        "vicuna_v1": lambda: vicuna_chat_template(system_prompt, tok.eos_token, text_after_image(tok)),
+        "mistral_instruct": lambda: mistral_chat_template(system_prompt, tok.eos_token, text_after_image(tok)),
+        "chatml_direct": lambda: chatml_chat_template(system_prompt, text_after_image(tok)),
+    }.get(template)
+    if chat is not None:
+        processor.chat_template = processor.tokenizer.chat_template = chat()
     processor.image_processor = release_image_processor(processor.image_processor, aspect)
     processor.save_pretrained(out)
     return processor

@@ -13,6 +13,7 @@ and, during the check, one model at a time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .parity import ParityReport, check_parity, load_trained_model, relative_tol
 from .shards import (
     ShardWriter,
     TensorFile,
+    TensorSpec,
     checkpoint_files,
     iter_tensors,
     parse_size,
@@ -37,7 +39,7 @@ from .shards import (
     write_index,
 )
 from .source import MergeSource, local_base, read_source
-from .weights import MergeRule, check_fit, read_adapter
+from .weights import MergeRule, added_tensors, check_fit, read_adapter
 
 log = logging.getLogger("lora_llava")
 
@@ -127,7 +129,7 @@ def _write_release(
     from .release import write_config, write_generation_config, write_processor
 
     template, system = src.recipe.template, src.recipe.data.system_prompt
-    write_config(base_dir, tmp, rule.out_dtype)
+    write_config(base_dir, tmp, rule.out_dtype, src.recipe.model)
     processor = write_processor(src.processor_source, tmp, template, system, src.recipe.data.image_aspect)
     write_generation_config(base_dir, tmp, processor.tokenizer, template)
     parity = None
@@ -168,7 +170,7 @@ def merge_rule(src: MergeSource, mode: str, out_dtype: torch.dtype) -> tuple[Mer
         projector = load_file(str(src.projector_file))
         projector_from = f"from {src.projector_file}"
     quant = quantization_config(m, train_dtype) if m.quantization == "nf4" else None
-    rule = MergeRule(mode, m.quantization, train_dtype, out_dtype, adapter, projector, quant)
+    rule = MergeRule(mode, m.quantization, train_dtype, out_dtype, adapter, projector, quant, anyres=m.anyres)
     return rule, projector_from
 
 
@@ -177,10 +179,14 @@ def write_weights(base_dir: Path, out: Path, rule: MergeRule, max_bytes: int) ->
     files = checkpoint_files(base_dir)
     by_file = read_specs(files)
     specs = [s for f in files for s in by_file[f]]
-    check_fit(specs, rule.adapter, rule.projector, str(base_dir))
-    shards = plan_shards([rule.output_spec(s) for s in specs], max_bytes)
+    added = added_tensors(specs, rule.projector, rule.anyres)
+    check_fit(specs, rule.adapter, rule.projector, str(base_dir), added)
+    extra = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in added.items()]
+    shards = plan_shards([rule.output_spec(s) for s in specs + extra], max_bytes)
     names = shard_names(len(shards))
-    tensors = (item for f in files for item in iter_tensors(f, [s.name for s in by_file[f]]))  # one at a time, in order
+    tensors = itertools.chain(  # one at a time, in order; then what the base lacks
+        (item for f in files for item in iter_tensors(f, [s.name for s in by_file[f]])), added.items()
+    )
     with TensorFile(rule.adapter.file) if rule.adapter else contextlib.nullcontext() as handle:
         for shard, name in zip(shards, names):
             with ShardWriter(out / name, shard) as writer:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from ..model.projector import PROJECTOR_MODULE
+from ..model.projector import NEWLINE, PROJECTOR_MODULE
 from .shards import TensorFile, TensorSpec
 
 # layer index, block (self_attn | mlp), linear name
@@ -46,7 +46,10 @@ def llm_linear(key: str) -> ModuleId | None:
 
 
 def projector_suffix(key: str) -> str | None:
-    """`linear_1.weight` for any key of the projector, whatever prefix the file uses."""
+    """`linear_1.weight` for any key of the projector, whatever prefix the file uses; `image_newline` for AnyRes's,
+    which trains and merges with the projector."""
+    if key == NEWLINE or key.endswith("." + NEWLINE):
+        return NEWLINE
     return key.split(_PROJECTOR, 1)[1] if _PROJECTOR in key else None
 
 
@@ -118,8 +121,19 @@ def read_adapter(folder: Path) -> Adapter:
     return adapter
 
 
-def check_fit(specs: list[TensorSpec], adapter: Adapter | None, projector: dict[str, torch.Tensor] | None, where: str) -> None:
-    """Every LoRA module and projector tensor must exist in the base with the same shape."""
+def added_tensors(specs: list[TensorSpec], projector: dict[str, torch.Tensor] | None, anyres: bool) -> dict[str, torch.Tensor]:
+    """Trained tensors the base lacks: a LLaVA-1.5 base made LLaVA-1.5-HD gets its image_newline, named as its file names
+    the projector (`image_newline` beside `multi_modal_projector.*`, `model.image_newline` beside `model.multi_...`)."""
+    if not (anyres and projector and NEWLINE in projector) or any(projector_suffix(s.name) == NEWLINE for s in specs):
+        return {}
+    prefix = next(s.name.split(_PROJECTOR, 1)[0] for s in specs if _PROJECTOR in s.name)
+    return {prefix + NEWLINE: projector[NEWLINE]}
+
+
+def check_fit(
+    specs: list[TensorSpec], adapter: Adapter | None, projector: dict[str, torch.Tensor] | None, where: str, added=()
+) -> None:
+    """Every LoRA module and projector tensor must exist in the base with the same shape (or be `added` to it)."""
     linears = {llm_linear(s.name): s for s in specs if llm_linear(s.name)}
     proj = {projector_suffix(s.name): s for s in specs if projector_suffix(s.name)}
     if not linears or not proj:
@@ -131,6 +145,8 @@ def check_fit(specs: list[TensorSpec], adapter: Adapter | None, projector: dict[
             found = spec.shape if spec else "missing"
             problems.append(f"layer {module[0]} {module[1]}.{module[2]}: adapter {shape}, base {found}")
     for suffix, tensor in (projector or {}).items():
+        if suffix == NEWLINE and any(projector_suffix(k) == NEWLINE for k in added):
+            continue
         spec = proj.get(suffix)
         if spec is None or spec.shape != tuple(tensor.shape):
             problems.append(f"projector {suffix}: trained {tuple(tensor.shape)}, base {spec.shape if spec else 'missing'}")
@@ -178,6 +194,7 @@ class MergeRule:
     adapter: Adapter | None = None
     projector: dict[str, torch.Tensor] | None = None  # suffix -> trained projector tensor
     quant_config: object | None = None  # transformers' BitsAndBytesConfig of the run
+    anyres: bool = False  # the run made a LLaVA-1.5 base LLaVA-1.5-HD (model.anyres)
 
     def output_spec(self, spec: TensorSpec) -> TensorSpec:
         return TensorSpec(spec.name, self.out_dtype if spec.dtype.is_floating_point else spec.dtype, spec.shape)

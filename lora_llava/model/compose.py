@@ -22,7 +22,6 @@ rebuilds exactly the model the run started from.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -30,7 +29,16 @@ import torch
 from ..errors import ModelError, first_line
 from ..recipe.schema import ModelConfig
 from .family import family_of, init_image_newline, model_class, next_config
-from .load import check_source, freeze_for_training, load_model, load_processor, loading_kwargs, pickles_named, resolve_dtype
+from .load import (
+    check_source,
+    freeze_for_training,
+    load_model,
+    load_processor,
+    loading_kwargs,
+    pickles_named,
+    quiet_transformers,
+    resolve_dtype,
+)
 from .processor import llava_processor, next_processor
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
@@ -70,19 +78,6 @@ def compose_model(cfg: ModelConfig, seed: int = 0):
         state["model.image_newline"] = init_image_newline(config.text_config.hidden_size, seed, dtype)
         return assemble(config, state, cfg), next_processor(tokenizer, config)
     return assemble(config, state, cfg), llava_processor(tokenizer, config)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' loading report: reading CLIP's vision half lists every text-tower weight."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def _model_type(src: str, key: str, trust_remote_code: bool) -> str:

@@ -10,6 +10,7 @@ because any user list replaces the automatic lm_head skip.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 from collections.abc import Iterable, Iterator
@@ -139,6 +140,19 @@ def freeze_for_training(model):
     return model
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' loading report: reading CLIP's vision half lists every text-tower weight."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def model_config(cfg: ModelConfig, src: str):
     """The config the model is built with: the checkpoint's, NeXT grids in the reference order, LLaVA-1.5-HD if asked."""
     from transformers import AutoConfig
@@ -167,7 +181,8 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, seed: int = 0)
     config = model_config(cfg, src)
     kwargs = dict(loading_kwargs(cfg), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, config=config)
     try:
-        with pickles_named(src, "model.name_or_path"):
+        # Quiet: converting a LLaVA-1.5 to HD reports image_newline as missing, and it is drawn below.
+        with pickles_named(src, "model.name_or_path"), quiet_transformers():
             model, info = model_class(family_of(config)).from_pretrained(src, output_loading_info=True, **kwargs)
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load {src} ({first_line(e)})") from None
@@ -175,6 +190,9 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, seed: int = 0)
         if "attn_implementation" in str(e) or "attention" in str(e).lower():
             raise ModelError(f"model.attn_implementation: {first_line(e)}") from None
         raise
+    odd = sorted(set(info["missing_keys"]) - {"model.image_newline"}) + sorted(info["unexpected_keys"])
+    if odd:  # the loading report is silenced above; what it would have said beyond image_newline is said here
+        logging.getLogger("lora_llava").warning("%s: weights missing or unused when loading: %s", src, ", ".join(odd[:8]))
     if "model.image_newline" in info["missing_keys"]:  # LLaVA-1.5-HD from a LLaVA-1.5: a new, seeded image_newline
         newline = model.model.image_newline
         newline.data = init_image_newline(newline.numel(), seed, newline.dtype).to(newline.device)

@@ -167,7 +167,10 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if r.stage == "align" and m.quantization != "none":
         problems.append("model.quantization: stage align trains only the projector on a frozen model; use quantization: none")
     if r.template == "plain" and r.stage == "instruct":
-        problems.append("data.template: 'plain' is the stage-1 caption template; stage instruct needs vicuna_v1 or chat_template")
+        problems.append(
+            "data.template: 'plain' is the stage-1 caption template; stage instruct needs vicuna_v1, mistral_instruct, "
+            "chatml_direct or chat_template"
+        )
     if not r.data.train:
         problems.append("data.train: at least one dataset is required")
     if r.data.on_bad_sample == "skip" and r.data.max_bad_fraction == 0:

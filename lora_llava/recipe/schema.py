@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 # Names used by peft, transformers and LLaVA's scripts for keys this recipe spells differently.
@@ -146,8 +149,10 @@ class DatasetSpec:
 class DataConfig:
     train: tuple[DatasetSpec, ...] = _f(help="Training datasets (a mixture when several).")
     eval: tuple[DatasetSpec, ...] = _f((), "Evaluation datasets.")
-    template: Literal["vicuna_v1", "plain", "chat_template", "auto"] = _f(
-        "auto", "Prompt template. auto: plain for stage align, vicuna_v1 for stage instruct (LLaVA-1.5)."
+    template: Literal["vicuna_v1", "plain", "mistral_instruct", "chatml_direct", "chat_template", "auto"] = _f(
+        "auto",
+        "Prompt template. auto: plain for stage align; for stage instruct the checkpoint's own (mistral_instruct for "
+        "LLaVA-NeXT-Mistral, chatml_direct for LLaVA-NeXT-34B), else vicuna_v1 (LLaVA-1.5, LLaVA-NeXT-Vicuna).",
     )
     system_prompt: str | None = _f(
         None, "System prompt for samples without one of their own (default: the template's; vicuna_v1, chat_template)."
@@ -251,13 +256,41 @@ class Recipe:
         """The template actually used: `auto` resolves per stage as LLaVA-1.5 does."""
         if self.data.template != "auto":
             return self.data.template
-        return "plain" if self.stage == "align" else "vicuna_v1"
+        return "plain" if self.stage == "align" else checkpoint_template(self.model.name_or_path or "")
 
     @property
     def group_by_modality_length(self) -> bool:
         if self.data.group_by_modality_length is not None:
             return self.data.group_by_modality_length
         return self.stage == "instruct"
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_template(name_or_path: str) -> str:
+    """The conversation format a LLaVA checkpoint was trained with, as the reference code pairs them.
+
+    A local folder says it in its config (the language model's type, ChatML tokens in a NeXT model's
+    vocabulary); a hub id not yet on disk by its name. vicuna_v1 otherwise.
+    """
+    config = Path(name_or_path).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            raw = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "vicuna_v1"
+        text = (raw.get("text_config") or {}).get("model_type", "")
+        if text == "mistral":
+            return "mistral_instruct"
+        vocab = Path(name_or_path).expanduser() / "tokenizer.json"
+        if raw.get("model_type") == "llava_next" and vocab.is_file() and "<|im_start|>" in vocab.read_text(encoding="utf-8"):
+            return "chatml_direct"
+        return "vicuna_v1"
+    name = name_or_path.lower()
+    if "mistral" in name:
+        return "mistral_instruct"
+    if "34b" in name and ("v1.6" in name or "next" in name):
+        return "chatml_direct"
+    return "vicuna_v1"
 
 
 def _type_name(tp: Any) -> str:

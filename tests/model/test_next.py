@@ -127,3 +127,28 @@ def test_a_forward_pass_runs_at_every_max_length(tiny_next, tmp_path):
         assert torch.isfinite(out.loss)
         fitted += 1
     assert fitted > 10 and too_long >= 1
+
+
+def test_check_counts_each_images_own_tokens(tiny_next, shapes, tmp_path):
+    from lora_llava.check import check
+    from lora_llava.recipe import parse_recipe
+    from tests.helpers import recipe_dict
+
+    recipe = parse_recipe(recipe_dict(tiny_next, shapes, tmp_path / "out"), "test")
+    report = check(recipe)
+    assert report.bad == [] and not report.failed
+    ds = LlavaDataset.for_recipe(recipe, load_processor(str(tiny_next)))
+    expected = sorted(len(ds.encode_sample(ds.sample(j), pixels=False)[0].input_ids) for j in range(len(ds)))
+    assert sorted(report.lengths) == expected
+    wide, tall = anyres_token_count(ds.processor, 64, 48), anyres_token_count(ds.processor, 48, 64)
+    assert wide != tall  # the shapes data has both orientations: lengths follow each image
+    assert "template vicuna_v1" in report.header
+
+
+def test_make_tiny_next_from_the_command_line(tmp_path, capsys):
+    from lora_llava.cli import main
+
+    assert main(["make-tiny", str(tmp_path / "t"), "--next", "--image-size", "56"]) == 0
+    processor = load_processor(str(tmp_path / "t"))
+    assert type(processor).__name__ == "LlavaNextProcessor"
+    assert anyres_token_count(processor, 300, 100) > 16  # more than LLaVA-1.5's single 56-px view

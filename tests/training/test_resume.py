@@ -55,6 +55,16 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model, shapes) -> Path:
     """The uninterrupted run."""
+    return _reference(tmp_path_factory, tiny_model, shapes)
+
+
+@pytest.fixture(scope="module")
+def reference_next(tmp_path_factory, tiny_next, shapes) -> Path:
+    """The uninterrupted run of the tiny LLaVA-NeXT."""
+    return _reference(tmp_path_factory, tiny_next, shapes)
+
+
+def _reference(tmp_path_factory, tiny_model, shapes) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     recipe = write_recipe(out.parent / "recipe.yaml", _recipe(tiny_model, shapes, out))
     result = run_cli("train", str(recipe))
@@ -63,10 +73,13 @@ def reference(tmp_path_factory, tiny_model, shapes) -> Path:
     return out
 
 
-@pytest.mark.parametrize("where, step, resumed_from", [("step", 5, 4), ("save", 4, 2)])
-def test_sigkill_then_same_command_resumes_to_the_same_adapter(
-    reference, tiny_model, shapes, tmp_path, where, step, resumed_from
-):
+@pytest.mark.parametrize(
+    "where, step, resumed_from, family", [("step", 5, 4, "llava"), ("save", 4, 2, "llava"), ("step", 5, 4, "llava_next")]
+)
+def test_sigkill_then_same_command_resumes_to_the_same_adapter(request, shapes, tmp_path, where, step, resumed_from, family):
+    next_ = family == "llava_next"  # NeXT's image_newline resumes with the adapter it is saved in
+    reference = request.getfixturevalue("reference_next" if next_ else "reference")
+    tiny_model = request.getfixturevalue("tiny_next" if next_ else "tiny_model")
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", _recipe(tiny_model, shapes, out))
     killed = _fault(where, step, "SIGKILL", "train", str(recipe))

@@ -69,8 +69,10 @@ def test_adapter_holds_lora_on_llm_linears_and_the_projector(medical_qlora, tiny
         assert not torch.allclose(v.float(), base[name].float()), f"projector {name} did not train"
 
 
-def test_qlora_parameters_change_exactly_where_they_should(tiny_model, shapes, tmp_path):
-    """Under QLoRA: LoRA and projector change; CLIP, lm_head, embeddings and base LLM weights do not."""
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_qlora_parameters_change_exactly_where_they_should(family, request, shapes, tmp_path):
+    """Under QLoRA: LoRA, projector (and NeXT's image_newline) change; CLIP, lm_head, embeddings and base LLM weights do not."""
+    tiny_model = request.getfixturevalue("tiny_next" if family == "llava_next" else "tiny_model")
     import bitsandbytes as bnb
 
     from lora_llava.data.build import build_dataset
@@ -109,6 +111,8 @@ def test_qlora_parameters_change_exactly_where_they_should(tiny_model, shapes, t
     lora_b = {n for n in before if "lora_B" in n}
     assert lora_b <= changed
     assert {n for n in before if "modules_to_save" in n} <= changed
+    newline = {n for n in before if n.endswith("image_newline")}
+    assert len(newline) == (family == "llava_next") and newline <= changed  # a parameter, trained with the projector
     frozen = {n for n in before if "vision_tower" in n or "lm_head" in n or "embed_tokens" in n or "original_module" in n}
     frozen |= {n for n in before if "language_model" in n and "lora_" not in n}
     assert frozen and not (frozen & changed)
