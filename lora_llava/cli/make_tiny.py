@@ -37,6 +37,12 @@ def register(sub, common) -> None:
         help="with --original: also store a vision tower inside, named as LLaVA's code saves it under that version",
     )
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="with --original: weight dtype")
+    p.add_argument(
+        "--anyres",
+        dest="next_original",
+        action="store_true",
+        help="with --original: the LLaVA-NeXT layout (liuhaotian/llava-v1.6: anyres, spatial_unpad, image_newline)",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,7 +58,7 @@ def run(args) -> int:
         for folder in make_tiny_parts(args.output_dir, **sizes):
             print(folder)
     elif args.original:
-        print(make_tiny_original(args.output_dir, **sizes, saved_by=args.saved_by, dtype=args.dtype))
+        print(make_tiny_original(args.output_dir, **sizes, saved_by=args.saved_by, dtype=args.dtype, next=args.next_original))
     else:
         print(make_tiny(args.output_dir, **sizes, next=args.next))
     return 0

@@ -1,4 +1,4 @@
-"""Original-format LLaVA-1.5 checkpoints -> llava-hf folders (`lora-llava convert SRC DST`).
+"""Original-format LLaVA-1.5 and LLaVA-NeXT checkpoints -> llava-hf folders (`lora-llava convert SRC DST`).
 
 The original layout (liuhaotian/llava-v1.5-7b, LLaVA-Med checkpoints of the same
 code): `LlavaLlamaForCausalLM` (or `LlavaMistralForCausalLM`), the LLM's weights
@@ -8,6 +8,12 @@ nn.Sequential: Linear, GELU, Linear), and the vision tower only named by
 is the plain LLM's; LLaVA marked images with the id -200, which llava-hf
 replaces by an `<image>` token, so conversion adds `<image>` and `<pad>` and
 grows the embeddings exactly as composing a new model does.
+
+LLaVA-NeXT checkpoints of that code (liuhaotian/llava-v1.6-vicuna-7b) add
+`image_aspect_ratio: anyres`, `mm_patch_merge_type: spatial_unpad`, the grid
+`image_grid_pinpoints` ([width, height] pairs) and `model.image_newline`; they
+become LlavaNextForConditionalGeneration folders whose grid picks as the
+reference code does.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from ..errors import ModelError, describe
 from ..io import atomic_dir, refuse_nonempty
 from ..recipe.schema import ModelConfig
 from .compose import add_llava_tokens, assemble, llava_config, load_tokenizer, load_vision_tower, resize_vocab
+from .family import next_config
 from .load import DTYPES, check_source
-from .processor import llava_processor
+from .processor import llava_processor, next_processor
 
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 FEATURE_STRATEGIES = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> llava-hf
@@ -86,8 +93,14 @@ def read_original_config(src: Path) -> dict:
         problems.append(f"mm_projector_type {config.get('mm_projector_type', 'linear')!r} (LLaVA-1.5 uses mlp2x_gelu)")
     if config.get("mm_use_im_start_end"):
         problems.append("mm_use_im_start_end: true (llava-hf has no image start/end tokens)")
-    if config.get("image_aspect_ratio") not in (None, "pad", "square"):
-        problems.append(f"image_aspect_ratio {config.get('image_aspect_ratio')!r} (LLaVA-1.5 uses pad)")
+    if config.get("image_aspect_ratio") not in (None, "pad", "square", "anyres"):
+        problems.append(f"image_aspect_ratio {config.get('image_aspect_ratio')!r} (LLaVA-1.5 uses pad, LLaVA-NeXT anyres)")
+    if config.get("image_aspect_ratio") == "anyres":
+        if config.get("mm_patch_merge_type") != "spatial_unpad":
+            problems.append(f"mm_patch_merge_type {config.get('mm_patch_merge_type')!r} (llava-hf LLaVA-NeXT is spatial_unpad)")
+        grid = config.get("image_grid_pinpoints")
+        if not (isinstance(grid, list) and grid and all(isinstance(p, list) and len(p) == 2 for p in grid)):
+            problems.append(f"image_grid_pinpoints {grid!r} (a list of [width, height] pairs)")
     if config.get("mm_vision_select_feature", "patch") not in FEATURE_STRATEGIES:
         problems.append(f"mm_vision_select_feature {config.get('mm_vision_select_feature')!r}")
     if not config.get("mm_vision_tower"):
@@ -127,6 +140,8 @@ def rename_weights(state: dict[str, torch.Tensor], src: Path) -> tuple[dict[str,
             if index not in ("0", "2"):
                 raise ModelError(f"{src}: unexpected projector weight {k} (mlp2x_gelu has layers 0 and 2)")
             out[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{rest}"] = v
+        elif k == "model.image_newline":  # LLaVA-NeXT's row separator
+            out[k] = v
         elif k.startswith(_VISION_PREFIXES):
             prefix = next(p for p in _VISION_PREFIXES if k.startswith(p))
             vision["model.vision_tower." + k[len(prefix) :]] = v
@@ -183,6 +198,12 @@ def build_converted(src: Path, original: dict, vision_source: str, dtype: str):
     )
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in {**vision_state, **text_state}.items()}
     config.text_config.vocab_size = resize_vocab(state, n_original, len(tokenizer))
+    anyres = original.get("image_aspect_ratio") == "anyres"
+    if anyres:  # LLaVA-NeXT: its grid as the reference code reads it (family.adopt_reference_grid)
+        config = next_config(config, original["image_grid_pinpoints"])
+    elif "model.image_newline" in state:
+        raise ModelError(f"{src}: an image_newline weight, but image_aspect_ratio is not anyres")
     model = assemble(config, state, ModelConfig(dtype=dtype), on_cpu=True)
-    processor = llava_processor(tokenizer, config, do_pad=original.get("image_aspect_ratio") == "pad")
-    return model, processor
+    if anyres:
+        return model, next_processor(tokenizer, config)
+    return model, llava_processor(tokenizer, config, do_pad=original.get("image_aspect_ratio") == "pad")

@@ -212,6 +212,7 @@ def make_tiny_original(
     layers: int = 2,
     saved_by: str | None = None,
     dtype: str = "float32",
+    next: bool = False,
 ) -> Path:
     """Write a tiny checkpoint in the original LLaVA-1.5 layout (`llava/`) and the CLIP it names (`clip/`).
 
@@ -223,6 +224,9 @@ def make_tiny_original(
     saves one under that version (`vision_tower.vision_tower.vision_model.*` / `vision_tower.vision_tower.*`,
     config key `torch_dtype` / `dtype`); it is seeded apart from `clip/`, so a converter that took
     `clip/` instead gives other logits. `dtype`: the stored weights' dtype.
+
+    `next`: the liuhaotian/llava-v1.6 layout instead (`image_aspect_ratio: anyres`, `mm_patch_merge_type:
+    spatial_unpad`, `image_grid_pinpoints` as [width, height] pairs, and `model.image_newline`).
     """
     from safetensors.torch import save_file
 
@@ -241,11 +245,19 @@ def make_tiny_original(
         state[f"model.mm_projector.{i}.bias"] = layer.bias.detach()
     if saved_by is not None:
         state |= _inline_tower(vision, seed + 3, saved_by)
+    if next:
+        from .family import init_image_newline
+
+        state["model.image_newline"] = init_image_newline(text_hidden, seed + 4)
     state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
     llava = out / "llava"
     llava.mkdir(parents=True, exist_ok=True)
     save_file(state, str(llava / "model.safetensors"), metadata={"format": "pt"})
     config = _original_config(text, out / "clip", vision_hidden, saved_by, dtype)
+    if next:
+        from .family import default_grid
+
+        config |= {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": default_grid(image_size)}
     (llava / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     tokenizer.save_pretrained(llava)
     return llava

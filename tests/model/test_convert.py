@@ -54,7 +54,7 @@ def _by_hand(original: Path):
     )
     model = LlavaForConditionalGeneration(config).eval()
     model.model.vision_tower.load_state_dict(clip.state_dict())
-    llm = {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.") and "mm_projector" not in k}
+    llm = {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.") and "mm_projector" not in k and "image_newline" not in k}
     for key, rows in (("embed_tokens.weight", llm), ("lm_head.weight", weights)):
         w = rows[key]
         rows[key] = torch.cat([w, w.mean(0).expand(text.vocab_size - n, -1)])
@@ -180,3 +180,45 @@ def test_original_stage1_projector_file_loads_as_model_projector(converted, tmp_
     )
     load_projector(model, tmp_path)
     assert all(torch.equal(proj.state_dict()[k], v) for k, v in new.items())
+
+
+@pytest.fixture(scope="module")
+def original_next(tmp_path_factory) -> Path:
+    """A tiny checkpoint in the liuhaotian/llava-v1.6-vicuna-7b layout: anyres, spatial_unpad, its grid, image_newline."""
+    from lora_llava.model.tiny import make_tiny_original
+
+    return make_tiny_original(tmp_path_factory.mktemp("original-next"), image_size=TINY_IMAGE_SIZE, next=True)
+
+
+def test_an_original_next_checkpoint_converts_to_the_reference_models_logits(original_next, tmp_path):
+    """The hand-assembled NeXT reads each pinpoint as the reference code does, (width, height): ties included."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    out = tmp_path / "llava-hf"
+    result = run_cli("convert", str(original_next), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw = json.loads((original_next / "config.json").read_text())
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "llava_next" and saved["grid_pinpoints_order"] == "height_width"
+    one_five = _by_hand(original_next)
+    # transformers reads (height, width): the reference's (width, height) pairs, swapped by hand
+    config = LlavaNextConfig(
+        **{k: v for k, v in one_five.config.to_dict().items() if k not in ("model_type", "architectures")},
+        image_grid_pinpoints=[[h, w] for w, h in raw["image_grid_pinpoints"]],
+    )
+    by_hand = LlavaNextForConditionalGeneration(config).eval()
+    missing = by_hand.load_state_dict(one_five.state_dict(), strict=False).missing_keys
+    assert missing == ["model.image_newline"]
+    by_hand.model.image_newline.data.copy_(load_file(str(original_next / "model.safetensors"))["model.image_newline"])
+
+    from lora_llava.model.load import load_processor
+
+    processor = load_processor(str(out))
+    for size in [(50, 20), (20, 50), (150, 40), (40, 150), (120, 110), (30, 30)]:  # ties (one tile or less), wide, tall
+        image = Image.new("RGB", size, (200, 30, 30))
+        batch = processor(images=[image], text=["USER: <image>\nWhat colour is the shape? ASSISTANT: red"], return_tensors="pt")
+        with torch.no_grad():
+            expected = by_hand(**batch).logits
+        got = _logits(out, batch)
+        assert got.shape == expected.shape, size
+        assert torch.allclose(got, expected, atol=1e-5), (size, (got - expected).abs().max())
