@@ -70,6 +70,25 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, input: str 
     )
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`lora-llava ARGS` in this process (the console script's code path without a new interpreter), as run_cli reports it.
+
+    For commands that end before any training: a fresh process per refusal costs seconds of imports.
+    """
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from lora_llava.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["lora-llava", *args], code, out.getvalue(), err.getvalue())
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -16,12 +16,22 @@ def register(sub, common) -> None:
     p.add_argument("--recipe", help="the demo recipe (default: recipes/demo.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     p.add_argument("--overwrite", action="store_true", help="train again over a finished demo run in the work folder")
+    p.add_argument(
+        "--hd",
+        action="store_true",
+        help="what high resolution buys: train the tiny model and its LLaVA-1.5-HD conversion on a fine-texture task, score both",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from ..demo import run_demo, run_hd_demo
 
+    if args.hd:
+        workdir = "runs/demo-hd" if args.workdir == "runs/demo" else args.workdir
+        run_hd_demo(workdir, args.overrides, overwrite=args.overwrite, seed=args.seed)
+        print(f"done: {workdir}")
+        return 0
     result = run_demo(args.workdir, args.recipe, args.overrides, overwrite=args.overwrite, seed=args.seed)
     print(f"done: {result.run_dir}")
     return 0

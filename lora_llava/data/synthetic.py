@@ -147,3 +147,40 @@ def make_demo_dataset(
     path = root / f"{split}.json"
     path.write_text(json.dumps(samples, indent=1), encoding="utf-8")
     return path
+
+
+def make_texture_dataset(
+    folder: str | Path, n_images: int = 300, seed: int = 0, split: str = "train", size: tuple[int, int] = (504, 168), cell: int = 6
+) -> Path:
+    """A task only high resolution can read: is the square in a large, wide (or tall) image checkered or plain grey?
+
+    Both have the same mean colour. LLaVA-1.5's single view pads the image to a square and shrinks it whole (504 x 168
+    to a 56-px tower: 9x), which averages `cell`-px checks to grey; AnyRes tiles it (a 3 x 1 grid: 3x), and the checks
+    stay 2 px. Both answers are equally likely (chance 0.5). Samples carry `question_type: open` and `answer`.
+    """
+    root = Path(folder)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n_images):
+        answer = rng.choice(("checkered", "plain"))
+        w, h = size if rng.random() < 0.5 else size[::-1]
+        side = min(w, h) * 3 // 4
+        im = Image.new("RGB", (w, h), (245, 245, 240))
+        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+        draw = ImageDraw.Draw(im)
+        if answer == "plain":
+            draw.rectangle([x, y, x + side - 1, y + side - 1], fill=(128, 128, 128))
+        else:
+            for r in range(0, side, cell):
+                for c in range(0, side, cell):
+                    dark = (r // cell + c // cell) % 2
+                    box = [x + c, y + r, x + min(c + cell, side) - 1, y + min(r + cell, side) - 1]
+                    draw.rectangle(box, fill=(0, 0, 0) if dark else (255, 255, 255))
+        name = f"{split}_{i:05d}.png"
+        im.save(root / "images" / name)
+        conv = [{"from": "human", "value": "<image>\nIs the square checkered or plain?"}, {"from": "gpt", "value": answer}]
+        samples.append({"id": f"{split}-{i}", "image": name, "conversations": conv, "question_type": "open", "answer": answer})
+    path = root / f"{split}.json"
+    path.write_text(json.dumps(samples, indent=1), encoding="utf-8")
+    return path

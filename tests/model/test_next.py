@@ -152,3 +152,52 @@ def test_make_tiny_next_from_the_command_line(tmp_path, capsys):
     processor = load_processor(str(tmp_path / "t"))
     assert type(processor).__name__ == "LlavaNextProcessor"
     assert anyres_token_count(processor, 300, 100) > 16  # more than LLaVA-1.5's single 56-px view
+
+
+def test_the_hd_demo_task_is_lost_in_one_view_and_kept_in_the_tiles(tiny_model, tiny_next, tmp_path):
+    """The demo's texture task: checks and plain grey of the same mean look alike at LLaVA-1.5's single view, not in tiles."""
+    from lora_llava.data.images import image_inputs
+    from lora_llava.data.synthetic import make_texture_dataset
+
+    samples = json.loads(make_texture_dataset(tmp_path, n_images=24, seed=0).read_text())
+    one_view, tiles = load_processor(str(tiny_model)), load_processor(str(tiny_next))
+
+    def detail(sample, processor) -> float:
+        """Mean difference of neighbouring pixels in the busiest view: what fine checks add and averaging removes."""
+        image = Image.open(tmp_path / "images" / sample["image"]).convert("RGB")
+        x = image_inputs([image], processor.image_processor)["pixel_values"][0]
+        x = x.reshape(-1, *x.shape[-3:])
+        return float((x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(-1, -2, -3)).max())
+
+    by = {(a, o): [] for a in ("checkered", "plain") for o in ("wide", "tall")}
+    for sample in samples:
+        width, height = Image.open(tmp_path / "images" / sample["image"]).size
+        by[(sample["answer"], "wide" if width > height else "tall")].append(sample)
+    for orientation in ("wide", "tall"):
+        checks, plain = by[("checkered", orientation)], by[("plain", orientation)]
+        assert checks and plain
+        one = [sum(detail(s, one_view) for s in group) / len(group) for group in (checks, plain)]
+        assert abs(one[0] - one[1]) < 0.02  # one 56-px view: the checks average to the plain square's grey
+        assert min(detail(s, tiles) for s in checks) > 4 * max(detail(s, tiles) for s in plain)  # AnyRes keeps them
+
+
+def test_stage1_trains_projector_and_image_newline_and_its_file_carries_both(tiny_next, shapes, tmp_path):
+    from lora_llava.model.projector import load_projector, save_projector
+    from lora_llava.recipe import parse_recipe
+    from lora_llava.training.lora import param_groups, setup_align
+    from tests.helpers import recipe_dict
+
+    raw = recipe_dict(tiny_next, shapes, tmp_path / "out", stage="align", data={"template": "plain"})
+    recipe = parse_recipe(raw, "test")
+    model = setup_align(load_model(recipe.model), recipe)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.image_newline" in trainable and all("multi_modal_projector" in n or n == "model.image_newline" for n in trainable)
+    assert sum(p.numel() for g in param_groups(model, recipe) for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    with torch.no_grad():
+        model.model.image_newline.add_(1.0)
+    save_projector(model, tmp_path / "projector.safetensors")
+    fresh = load_model(recipe.model)
+    load_projector(fresh, tmp_path / "projector.safetensors")
+    torch.testing.assert_close(fresh.model.image_newline, model.model.image_newline)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, recipe_dict, run_cli, write_recipe
+from tests.helpers import ROOT, recipe_dict, run_cli, run_main, write_recipe
 
 KILL_AT = Path(__file__).parent / "faults" / "kill_at.py"
 STEPS = 6
@@ -120,19 +120,19 @@ def test_resume_options_and_recipe_changes(reference, tiny_model, shapes, tmp_pa
     assert _fault("step", 5, "SIGKILL", "train", str(recipe)).returncode == -signal.SIGKILL
     before = sorted(p.name for p in out.iterdir())
 
-    changed = run_cli("train", str(recipe), "train.learning_rate=0.5", "lora.r=4")
+    changed = run_main("train", str(recipe), "train.learning_rate=0.5", "lora.r=4")  # refusals: in this process
     assert changed.returncode == 2
     assert "holds a run of a different recipe (changed: lora.r, train.learning_rate)" in changed.stderr
-    refused = run_cli("train", str(recipe), "--no-resume")
+    refused = run_main("train", str(recipe), "--no-resume")
     assert refused.returncode == 2 and "--no-resume" in refused.stderr
-    missing = run_cli("train", str(recipe), "--resume", str(out / "checkpoint-99"))
+    missing = run_main("train", str(recipe), "--resume", str(out / "checkpoint-99"))
     assert missing.returncode == 2 and "is not a complete checkpoint" in missing.stderr
     assert sorted(p.name for p in out.iterdir()) == before  # refusals leave the folder as it was
 
     chosen = run_cli("train", str(recipe), "--resume", str(out / "checkpoint-2"))
     assert chosen.returncode == 0, chosen.stderr[-2000:]
     _assert_same_adapter(reference, out)
-    finished = run_cli("train", str(recipe))
+    finished = run_main("train", str(recipe))
     assert finished.returncode == 2 and "holds a finished run" in finished.stderr
 
 
@@ -141,10 +141,10 @@ def test_foreign_folder_is_refused_without_overwrite(tiny_model, shapes, tmp_pat
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     recipe = write_recipe(tmp_path / "recipe.yaml", _recipe(tiny_model, shapes, out, max_steps=1))
-    refused = run_cli("train", str(recipe))
+    refused = run_main("train", str(recipe))
     assert refused.returncode == 2 and "holds no lora-llava run" in refused.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    replaced = run_cli("train", str(recipe), "--overwrite")
+    replaced = run_main("train", str(recipe), "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert not (out / "notes.txt").exists() and (out / "adapter_model.safetensors").is_file()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli, run_main
 
 LLM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -168,7 +168,7 @@ def test_peft_loads_the_adapter(lora_run, tiny_model):
 def test_bad_recipe_gives_one_line_exit_2_and_writes_nothing(tiny_model, shapes, tmp_path, override, message):
     out = tmp_path / "out"
     args = _medical_overrides(tiny_model, shapes, out) + [override]
-    result = run_cli("train", str(ROOT / "recipes/medical.yaml"), *args)
+    result = run_main("train", str(ROOT / "recipes/medical.yaml"), *args)  # the console script's path, in this process
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
