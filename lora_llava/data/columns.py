@@ -108,16 +108,18 @@ def _messages(value: Any, sid: str, role: str) -> list[dict]:
     return [{"role": role, "content": value}]
 
 
-def plan(spec: DatasetSpec, keys: Iterable[str], where: str) -> Layout:
+def plan(spec: DatasetSpec, keys: Iterable[str], where: str, table: bool = True) -> Layout:
     """The question/answer layout of records with `keys`; `where` names the dataset in the recipe (data.train.0).
 
-    Raises `DataError` for a mapping that names absent fields, and for fields no mapping reads (`unknown_layout`).
+    Raises `DataError` for fields no mapping reads (`unknown_layout`), and, for a `table` (every record has every
+    column), for a mapping that names absent columns. A JSON record may lack a mapped image, id or system field
+    (a text-only record); a mapped question it lacks is its own error (`Layout.record`).
     """
     keys = list(keys)
     c = spec.columns
     explicit = {k: getattr(c, k) for k in ("image", "question", "answer", "system", "id") if getattr(c, k)}
     missing = [f"{where}.columns.{k}: {v!r}" for k, v in explicit.items() if v not in keys]
-    if missing:
+    if missing and table:
         raise DataError(f"{spec.path}: no such field(s) {'; '.join(missing)} (the records have {_list(keys)})")
     metadata = tuple(c.metadata) if c.metadata is not None else tuple(k for k in METADATA_NAMES if k in keys)
     pair = next(((q, a) for q, a in PAIRS if q in keys and a in keys), None)
@@ -140,76 +142,84 @@ def plan(spec: DatasetSpec, keys: Iterable[str], where: str) -> Layout:
     return layout
 
 
+_PASS = Layout()  # records already in a conversation layout
+
+
 class RecordReader:
     """Raw records of one dataset -> records in a conversation layout.
 
     Records that hold `conversations` or `messages` pass through (unless the
-    spec maps a question field); the layout of the others is planned once,
-    from the fields of the first such record, or of the table when the
-    dataset has columns. A record no layout reads is a bad sample whose reason
-    names the fields and the mapping that would read them.
+    spec maps a question field). The others are read by the layout of their
+    own fields, planned once per set of fields: a table's columns, or each
+    distinct shape of JSON record (one with an image and one without, say).
+    A record no layout reads is a bad sample whose reason names its fields
+    and the mapping that would read them.
     """
 
     def __init__(self, spec: DatasetSpec, where: str, columns: list[str] | None = None):
         self.spec, self.where = spec, where
-        self.layout: Layout | None = None
-        self.problem: str | None = None
+        self.table = columns is not None
+        self.layouts: dict[frozenset, Layout | str] = {}  # fields -> layout, or why no layout reads them
         self.keys: list[str] | None = None
         if columns is not None:
-            self._plan(columns)
-            if self.problem:
-                raise DataError(self.problem)
+            check_filters(spec, columns, where)
+            self.keys = list(columns)
+            found = self._layout(columns)
+            if isinstance(found, str):
+                raise DataError(found)
 
-    def _plan(self, keys: list[str]) -> None:
-        if self.keys is None:
-            self.keys = keys
-            check_filters(self.spec, keys, self.where)
-        if any(k in keys for k in CONVERSATION_KEYS) and not self.spec.columns.question:
-            self.layout = Layout(image=None, metadata=())
-            return
-        try:
-            self.layout = plan(self.spec, keys, self.where)
-        except DataError as e:
-            if not str(e).startswith(f"{self.spec.path}: records have"):
-                raise  # a mapping naming absent fields: the recipe is wrong, not a record
-            self.problem = str(e)
+    def _layout(self, keys) -> Layout | str:
+        fields = frozenset(keys)
+        if fields not in self.layouts:
+            if any(k in fields for k in CONVERSATION_KEYS) and not self.spec.columns.question:
+                self.layouts[fields] = _PASS
+            else:
+                try:
+                    self.layouts[fields] = plan(self.spec, list(keys), self.where, table=self.table)
+                except DataError as e:
+                    if not str(e).startswith(f"{self.spec.path}: records have"):
+                        raise  # a mapping naming absent columns: the recipe is wrong, not a record
+                    self.layouts[fields] = str(e)
+        return self.layouts[fields]
+
+    @property
+    def layout(self) -> Layout | None:
+        """The table's layout (None for JSON, where each record shape has its own)."""
+        found = self._layout(self.keys) if self.table else None
+        return found if isinstance(found, Layout) else None
 
     @property
     def image_columns(self) -> tuple[str, ...]:
-        return self.layout.image_columns if self.layout is not None else ("images", "image")
-
-    def _first(self, raw: dict) -> None:
-        if self.keys is None:
-            self.keys = list(raw)
-            check_filters(self.spec, self.keys, self.where)
+        layout = self.layout
+        return layout.image_columns if layout is not None and layout.image else ("images", "image")
 
     def keep(self, raw: Any) -> bool:
-        """The spec's filters (a filter on a field the first record lacks is an error, not an empty dataset)."""
-        if isinstance(raw, dict):
-            self._first(raw)
+        """The spec's filters; a record without the filtered field is left out (`Source` says when that is all of them)."""
+        if isinstance(raw, dict) and self.keys is None:
+            self.keys = list(raw)
         return keep(self.spec, raw)
 
     def metadata(self, raw: Any) -> dict[str, str]:
         """The metadata fields of a raw record that evaluation groups by, as strings."""
         if not isinstance(raw, dict):
             return {}
-        names = self.layout.metadata if self.layout is not None and self.layout.question else None
-        if names is None:
-            names = tuple(self.spec.columns.metadata) if self.spec.columns.metadata is not None else METADATA_NAMES
+        found = self._layout(raw) if self.spec.columns.metadata is None else None
+        if self.spec.columns.metadata is not None:
+            names = tuple(self.spec.columns.metadata)
+        elif isinstance(found, Layout) and found.question:
+            names = found.metadata
+        else:
+            names = METADATA_NAMES
         return {k: str(raw[k]) for k in names if raw.get(k) not in (None, "")}
 
     def __call__(self, raw: Any, index: int) -> Any:
         if not isinstance(raw, dict):
             return raw  # to_sample names it
-        self._first(raw)
-        if not self.spec.columns.question and any(k in raw for k in CONVERSATION_KEYS):
-            return raw
-        if self.layout is None and self.problem is None or self.layout is not None and self.layout.question is None:
-            self._plan(list(raw))
-        if self.problem:
+        found = self._layout(raw)
+        if isinstance(found, str):
             sid = next((str(raw[k]) for k in ID_NAMES if raw.get(k) not in (None, "")), f"#{index}")
-            raise SampleError(sid, MALFORMED, self.problem.split(": ", 1)[1])
-        return self.layout.record(raw, index)
+            raise SampleError(sid, MALFORMED, found.split(": ", 1)[1])
+        return found.record(raw, index)
 
 
 def _list(keys: list[str], most: int = 12) -> str:
@@ -248,7 +258,7 @@ def keep(spec: DatasetSpec, record: Any) -> bool:
 
 
 def check_filters(spec: DatasetSpec, keys: list[str], where: str) -> None:
-    """A filter on a field the records do not have would silently keep nothing: name it."""
+    """A filter on a column the table does not have would silently keep nothing: name it."""
     absent = [k for k in (spec.filters or {}) if k not in keys]
     if absent:
         raise DataError(f"{spec.path}: {where}.filters names field(s) {', '.join(absent)} that the records lack ({_list(keys)})")

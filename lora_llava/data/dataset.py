@@ -95,6 +95,9 @@ class Source:
         self.read = self.read or RecordReader(spec, where)
         if self.filtered:
             kept = len(self.records) - self.filtered
+            if not kept:  # a filter on a field the records lack, or a value none has: never an empty dataset in silence
+                fields = ", ".join(self.read.keys or ())
+                raise DataError(f"{spec.path}: {where}.filters keep none of the {len(self.records)} records (the first has {fields})")
             say_once(f"{spec.path}: {kept} of {len(self.records)} record(s) pass {where}.filters")
         self.words = np.asarray(words, dtype=np.int32)
         self.images = np.asarray(images, dtype=np.int16)

@@ -123,8 +123,14 @@ KNOWN_SPLITS = ("train", "test", "validation", "val", "valid", "dev", "eval")
 _SPLIT_PREFIX = re.compile(r"^([A-Za-z0-9]+)(?=[-_.])")
 
 
+_HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}")  # `validation_matched-00000-of-00001-<hash>.parquet`
+
+
 def _split_of(f: Path, root: Path, names: tuple[str, ...]) -> str | None:
     """The split a parquet file belongs to, from its name or its folder; None when neither names one."""
+    m = _HUB_SHARD.match(f.name)
+    if m:  # the hub's own shard naming names the split, whatever it is called
+        return m.group(1)
     m = _SPLIT_PREFIX.match(f.name)
     if m and m.group(1) in names:
         return m.group(1)

@@ -33,7 +33,7 @@ from ..data.images import image_inputs, is_anyres, open_image
 from ..data.templates import IMAGE_CHUNK_TEMPLATES, TEMPLATES, Rendered, generation_prompt, stop_token
 from ..errors import DataError, LoraLlavaError, ModelError
 from ..recipe.parse import load_recipe
-from ..recipe.schema import ModelConfig
+from ..recipe.schema import ModelConfig, checkpoint_template
 from ..runs import RunPaths
 from .sampling import GENERATION_BATCH, Sampling
 
@@ -202,7 +202,7 @@ def _load_run(run_dir: Path, base: str | None, dtype: str | None, quantization: 
             raise ModelError(f"{run_dir}: no recipe.yaml and no base model in adapter_config.json; give the base with --model")
         model = load_model(ModelConfig(name_or_path=base, dtype=dtype or "auto", quantization=quantization or "none"))
         processor = load_processor(base)
-        template, system, aspect = "vicuna_v1", None, "pad"
+        template, system, aspect = checkpoint_template(base), None, "pad"
     model = PeftModel.from_pretrained(model, str(run_dir))
     return Predictor(model, processor, template, system, aspect, source=str(run_dir))
 
@@ -224,7 +224,7 @@ def _load_plain(source: str, dtype: str | None, quantization: str | None) -> Pre
     return Predictor(
         model=model,
         processor=load_processor(source),
-        template=recipe.template if recipe is not None else "vicuna_v1",
+        template=recipe.template if recipe is not None else checkpoint_template(source),  # the checkpoint's own format
         system_prompt=recipe.data.system_prompt if recipe is not None else None,
         image_aspect=recipe.data.image_aspect if recipe is not None else "pad",
         source=source,

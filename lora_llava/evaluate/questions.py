@@ -82,16 +82,18 @@ def read_questions(
     """The questions of a dataset: one per answer in each conversation (earlier answers as history), or the open one."""
     records = read_records(spec)
     read = RecordReader(spec, where, None if reads_as_json(spec) else records.column_names)
-    n = len(records) if spec.max_samples is None else min(len(records), spec.max_samples)  # the first samples, every time
     out: list[Question] = []
-    for i in range(n):
-        if limit is not None and len(out) >= limit:
-            break
+    kept = 0
+    for i in range(len(records)):
+        if limit is not None and len(out) >= limit or spec.max_samples is not None and kept >= spec.max_samples:
+            break  # the first samples that pass the filters, every time
         raw = records[i]
         if not read.keep(raw):
             continue
+        kept += 1
+        question_file = _question_file(raw) and not spec.columns.question  # a mapping reads the record its own way
         try:
-            record, pending = _pending(_as_conversation(raw) if _question_file(raw) else read(raw, i))
+            record, pending = _pending(_as_conversation(raw) if question_file else read(raw, i))
             s = to_sample(record, i, spec)
             images = tuple(resolve_image(p, spec, s.id, allow_absolute_paths) for p in s.images)
         except SampleError as e:

@@ -74,6 +74,8 @@ def next_config(llava_config, pinpoints_wh=None):
     from transformers import LlavaNextConfig
 
     vision = llava_config.vision_config
+    if pinpoints_wh:
+        check_grid(pinpoints_wh, vision.image_size)
     grid = [list(p) for p in pinpoints_wh] if pinpoints_wh else default_grid(vision.image_size)
     config = LlavaNextConfig(
         vision_config=vision.to_dict(),
@@ -98,5 +100,5 @@ def check_grid(pinpoints_wh, tile: int) -> None:
     if bad:
         raise RecipeError(
             "model.image_grid_pinpoints",
-            [f"{bad[0]}: each pinpoint is [width, height] in whole tiles of the tower's {tile} px (e.g. [{tile}, {2 * tile}])"],
+            [f"{list(bad[0])}: each pinpoint is [width, height] in whole tiles of the tower's {tile} px (e.g. [{tile}, {2 * tile}])"],
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import urllib.request
 from urllib.parse import urlparse
 
 from ..errors import ModelError
@@ -36,13 +37,19 @@ def _probe(endpoint: str) -> str | None:
     """None when a TCP connection to the endpoint (or the HTTPS proxy) opens; else the reason."""
     if endpoint not in _reachable:
         proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+        if proxy and urllib.request.proxy_bypass(urlparse(endpoint).hostname or ""):
+            proxy = None  # NO_PROXY names the endpoint
+        if proxy and "://" not in proxy:
+            proxy = "http://" + proxy  # `proxy.corp:3128`, as requests accepts it
         url = urlparse(proxy or endpoint)
-        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
         try:
+            host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
             socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
             _reachable[endpoint] = None
+        except ValueError:  # a malformed port: the probe cannot tell, so the hub client decides
+            _reachable[endpoint] = None
         except OSError as e:
-            _reachable[endpoint] = f"{host}:{port}: {e.strerror or type(e).__name__}"
+            _reachable[endpoint] = f"{url.hostname}:{url.port or ''}: {e.strerror or type(e).__name__}"
     return _reachable[endpoint]
 
 

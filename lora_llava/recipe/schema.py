@@ -272,6 +272,8 @@ def checkpoint_template(name_or_path: str) -> str:
     A local folder says it in its config (the language model's type, ChatML tokens in a NeXT model's
     vocabulary); a hub id not yet on disk by its name. vicuna_v1 otherwise.
     """
+    if not name_or_path:  # a composed model: LLaVA-1.5's own
+        return "vicuna_v1"
     config = Path(name_or_path).expanduser() / "config.json"
     if config.is_file():
         try:

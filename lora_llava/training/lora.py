@@ -45,8 +45,9 @@ def setup_instruct(model, recipe: Recipe):
         bias="none",
     )
     peft_model = get_peft_model(model, config)  # adapters start in fp32 (autocast_adapter_dtype)
-    if recipe.projector.trainable and getattr(model.model, NEWLINE, None) is not None:
-        getattr(model.model, NEWLINE).requires_grad_(True)  # AnyRes: trained with the projector, at its rate
+    if getattr(model.model, NEWLINE, None) is not None:
+        # AnyRes: trained with the projector, at its rate; saved in the adapter either way (a HD model's is new)
+        getattr(model.model, NEWLINE).requires_grad_(recipe.projector.trainable)
         keep_newline_in_adapter(peft_model)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from lora_llava.data.build import build_dataset
 from lora_llava.data.dataset import LlavaDataset
@@ -171,3 +172,41 @@ def test_a_table_in_an_unknown_layout_names_its_columns_and_the_mapping(tmp_path
         f"{tmp_path / 'odd.parquet'}: records have img, q_text, label, but neither 'conversations' (LLaVA), 'messages' (chat) "
         "nor question/answer fields; map them with data.train.0.columns: {image: img, question: q_text, answer: label}"
     )
+
+
+def test_json_records_of_different_shapes_are_each_read_by_their_own_fields(tmp_path, tiny_processor):
+    """A text-only first record does not make later records lose their image, id or metadata; a bad one stays alone."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "images" / "a.png")
+    rows = [
+        {"question": "Say hi.", "answer": "hello"},
+        {"query": "Odd layout?", "reply": "yes"},  # no layout reads it: bad on its own
+        {"id": "r2", "image": "a.png", "question": "What colour?", "answer": "red", "answer_type": "OPEN"},
+        {"id": "r3", "image": "a.png", "question": "Is it red?", "answer": "yes", "answer_type": "CLOSED"},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(rows), encoding="utf-8")
+    spec = {"path": str(tmp_path / "d.json"), "image_folder": str(tmp_path / "images")}
+    raw = recipe_dict(tmp_path / "model", tmp_path, tmp_path / "out")
+    raw["data"].update(train=[spec], on_bad_sample="skip", max_bad_fraction=0.5)
+    ds = build_dataset(parse_recipe(raw, "t"), tiny_processor)
+    samples = [ds.sample(j) for j in range(len(ds))]
+    assert [s.id for s in samples] == ["#0", "r2", "r3"] and [len(s.images) for s in samples] == [0, 1, 1]
+    assert [e.sample_id for _, e in ds.report.bad] == ["#1"]
+    (tmp_path / "e.json").write_text(json.dumps(rows[:1] + rows[2:]), encoding="utf-8")  # eval files must be clean
+    questions = read_questions(DatasetSpec(path=str(tmp_path / "e.json"), image_folder=spec["image_folder"]))
+    assert [(q.id, len(q.images), q.kind) for q in questions] == [("#0", 0, "open"), ("r2", 1, "open"), ("r3", 1, "closed")]
+
+
+def test_eval_caps_max_samples_after_the_filters(tmp_path):
+    root = replicas.slake(tmp_path / "slake")
+    spec = DatasetSpec(
+        path=str(root / "test.json"), image_folder=str(root / "imgs"), filters={"q_lang": "zh"}, max_samples=2, split=EVAL_SPLITS
+    )
+    assert [dict(q.metadata)["q_lang"] for q in read_questions(spec)] == ["zh", "zh"]
+
+
+def test_hub_split_names_with_underscores(tmp_path, tiny_processor):
+    root = replicas.hub_parquet(tmp_path / "mnli", {"train": 6, "validation_matched": 4, "validation_mismatched": 3})
+    r = _recipe(tmp_path, [{"path": str(root)}], [{"path": str(root), "split": "validation_mismatched"}])
+    assert len(build_dataset(r, tiny_processor)) == 6
+    assert len(build_dataset(r, tiny_processor, r.data.eval)) == 3

@@ -201,3 +201,25 @@ def test_stage1_trains_projector_and_image_newline_and_its_file_carries_both(tin
     fresh = load_model(recipe.model)
     load_projector(fresh, tmp_path / "projector.safetensors")
     torch.testing.assert_close(fresh.model.image_newline, model.model.image_newline)
+
+
+def test_a_fresh_llava_hf_next_checkpoint_is_swapped_once(tiny_next, tmp_path):
+    """A checkpoint as llava-hf ships it (the reference's list, no marker): read swapped, written marked, never swapped again."""
+    import shutil
+
+    fresh = shutil.copytree(tiny_next, tmp_path / "fresh")
+    reference = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    for name, nest in (("config.json", None), ("processor_config.json", "image_processor")):
+        data = json.loads((fresh / name).read_text())
+        target = data[nest] if nest else data
+        target.pop("grid_pinpoints_order", None)
+        target["image_grid_pinpoints"] = reference
+        (fresh / name).write_text(json.dumps(data))
+    model = load_model(ModelConfig(name_or_path=str(fresh), dtype="float32"))
+    processor = load_processor(str(fresh))
+    swapped = [[b, a] for a, b in reference]
+    assert model.config.image_grid_pinpoints == swapped == processor.image_processor.image_grid_pinpoints
+    model.save_pretrained(tmp_path / "written")
+    processor.save_pretrained(tmp_path / "written")
+    again = load_model(ModelConfig(name_or_path=str(tmp_path / "written"), dtype="float32"))
+    assert again.config.image_grid_pinpoints == swapped == load_processor(str(tmp_path / "written")).image_processor.image_grid_pinpoints
