@@ -203,13 +203,11 @@ class RecordReader:
         """The metadata fields of a raw record that evaluation groups by, as strings."""
         if not isinstance(raw, dict):
             return {}
-        found = self._layout(raw) if self.spec.columns.metadata is None else None
         if self.spec.columns.metadata is not None:
             names = tuple(self.spec.columns.metadata)
-        elif isinstance(found, Layout) and found.question:
-            names = found.metadata
         else:
-            names = METADATA_NAMES
+            found = self._layout(raw)
+            names = found.metadata if isinstance(found, Layout) and found.question else METADATA_NAMES
         return {k: str(raw[k]) for k in names if raw.get(k) not in (None, "")}
 
     def __call__(self, raw: Any, index: int) -> Any:

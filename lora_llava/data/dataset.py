@@ -26,7 +26,7 @@ from PIL import Image
 from ..errors import DataError
 from ..recipe.schema import DatasetSpec
 from .columns import RecordReader, say_once
-from .encode import Encoded, anyres_token_count, anyres_worst_case, encode, image_token_count
+from .encode import Encoded, anyres_worst_case, encode, image_token_count, image_token_counts
 from .formats import IMAGE_TAG, UNREADABLE_IMAGE, Sample, SampleError, to_sample
 from .images import image_inputs, is_anyres, load_image, stack_image_inputs
 from .paths import ImageResolver, image_folder
@@ -55,15 +55,13 @@ class Source:
         self.spec, self.where = spec, where
         self.resolver = ImageResolver(image_folder(spec), allow_absolute_paths)
         self.bad: list[SampleError] = []
-        self.read: RecordReader | None = None  # JSON: made at the first record, so that its problems are the record's
+        self.read = RecordReader(spec, where)  # JSON; a table's columns replace it below
         self.filtered = 0  # records left out by the spec's filters (not bad: not wanted)
         words: list[int] = []
         images: list[int] = []
         good: list[int] = []
 
         def visit(i: int, record: Any) -> None:
-            if self.read is None:
-                self.read = RecordReader(spec, where)
             if not self.read.keep(record):
                 self.filtered += 1
                 words.append(0)
@@ -92,7 +90,6 @@ class Source:
             for i, row in enumerate(iter_hf(ds, image_columns=self.read.image_columns)):
                 visit(i, row)
             self.records = ArrowRows(ds)
-        self.read = self.read or RecordReader(spec, where)
         if self.filtered:
             kept = len(self.records) - self.filtered
             if not kept:  # a filter on a field the records lack, or a value none has: never an empty dataset in silence
@@ -213,8 +210,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             images = [load_image(ref) for ref in s.images]
         except DataError as e:
             raise SampleError(s.id, UNREADABLE_IMAGE, str(e)) from None
-        # AnyRes: each image's own token count, computed as the model packs its features.
-        counts = [anyres_token_count(self.processor, *im.size) for im in images] if self.anyres else self.tokens_per_image
+        counts = image_token_counts(self.processor, images, self.tokens_per_image)  # AnyRes: as the model packs them
         enc = encode(rendered, self.tokenizer, self.image_token_id, counts, self.max_length, s.id)
         if not pixels or not enc.images:
             return enc, None

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .formats import IMAGE_TAG, TAG_MISMATCH, TOO_LONG, SampleError
+from .images import is_anyres
 from .templates import Rendered
 
 IGNORE_INDEX = -100
@@ -49,6 +50,13 @@ def anyres_token_count(processor, width: int, height: int) -> int:
     tile = size["shortest_edge"] if "shortest_edge" in size else min(size["height"], size["width"])
     n = processor._get_number_of_features(height, width, tile, tile)
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
+
+
+def image_token_counts(processor, images, fixed: int) -> int | list[int]:
+    """What `encode` expands each `<image>` to: `fixed` for LLaVA-1.5, each image's own count under AnyRes."""
+    if not is_anyres(processor.image_processor):
+        return fixed
+    return [anyres_token_count(processor, *im.size) for im in images]
 
 
 def anyres_worst_case(processor) -> int:

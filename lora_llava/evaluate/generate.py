@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from ..data.dataset import tokens_per_image
-from ..data.encode import anyres_token_count, encode
+from ..data.encode import encode, image_token_counts
 from ..data.formats import IMAGE_TAG
-from ..data.images import image_inputs, is_anyres, open_image
+from ..data.images import image_inputs, open_image
 from ..data.templates import IMAGE_CHUNK_TEMPLATES, TEMPLATES, Rendered, generation_prompt, stop_token
 from ..errors import DataError, LoraLlavaError, ModelError
 from ..recipe.parse import load_recipe
@@ -76,8 +76,7 @@ class Predictor:
             raise DataError(f"the prompt has {tags} {IMAGE_TAG} tag(s) for {len(request.images)} image(s)")
         # Tokenised as `render` marks training text of this template (`image_chunks`), so the prompt is its prefix.
         chunks = self.template in IMAGE_CHUNK_TEMPLATES
-        anyres = is_anyres(self.processor.image_processor)
-        counts = [anyres_token_count(self.processor, *im.size) for im in request.images] if anyres else self.tokens_per_image
+        counts = image_token_counts(self.processor, request.images, self.tokens_per_image)
         enc = encode(Rendered(text, (), (), image_chunks=chunks), self.processor.tokenizer, self.image_token_id, counts, NO_LIMIT, "prompt")
         return enc.input_ids
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data.build import check_local_inputs
 from ..errors import DataError, RecipeError
 from ..model.load import check_source
 from ..recipe.parse import apply_overrides, parse_recipe, read_yaml, recipe_to_dict
@@ -110,11 +111,10 @@ def check_inputs(recipes: list[Recipe]) -> None:
     """What can be checked cheaply before hours of stage 1: data files, image folders, model sources not made by a stage."""
     for i, r in enumerate(recipes):
         check_tracker(r)
-        for spec in r.data.train + r.data.eval:
-            if not Path(spec.path).exists():
-                raise DataError(f"{spec.path}: data file not found (stage {i + 1})")
-            if spec.image_folder and not Path(spec.image_folder).is_dir():
-                raise DataError(f"{spec.image_folder}: image folder not found (stage {i + 1})")
+        try:
+            check_local_inputs(r)
+        except DataError as e:
+            raise DataError(f"{e} (stage {i + 1})") from None
         if i == 0 or recipes[i - 1].stage != "align":
             m = r.model
             for key, value in (
