@@ -25,7 +25,7 @@ LAYERS = {
     "evaluate": 5,
     "training": 6,
     "merging": 7,
-    "memory": 8,
+    "memory": 5,  # below training: `gradient_checkpointing: auto` and the chunked loss size themselves by it
     "check": 8,
     "demo": 8,
     "serve": 8,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
-GiB = 2**30
-DEFAULT_GPU = "24GiB"
+from ..memory.budget import DEFAULT_GPU, GiB
 
 
 def register(sub, common) -> None:
@@ -25,37 +22,14 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def parse_size(text: str) -> float:
-    """'24GiB', '24GB', '24G', '24' (GiB), '16000MiB' -> bytes. GB counts as GiB, as GPU makers label memory."""
-    from ..errors import RecipeError
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib|t|tb|tib)?\s*", text.lower())
-    if not m:
-        raise RecipeError("--gpu-memory", [f"{text!r} is not a memory size (e.g. 24GiB, 80GB, 16000MiB)"])
-    return float(m.group(1)) * {"m": 2**20, "g": GiB, "t": 2**40}[(m.group(2) or "g")[0]]
-
-
-def card_memory(text: str | None) -> tuple[float, str]:
-    """Bytes of the card to fit, and how to name it."""
-    if text:
-        return parse_size(text), f"{parse_size(text) / GiB:.1f} GiB card"
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return float(props.total_memory), f"{props.name} ({props.total_memory / GiB:.1f} GiB)"
-    return parse_size(DEFAULT_GPU), f"{parse_size(DEFAULT_GPU) / GiB:.1f} GiB card"
-
-
 def report(est, recipe, shape) -> list[str]:
-    """The estimate, part by part, ending with the `total:` line."""
+    """The estimate, part by part, ending with the `total:` line (checkpointing: see the plan's own line)."""
     t = recipe.train
     lines = [
         f"model: {shape.source}",
         f"batch {t.batch_size} x {recipe.data.max_length} tokens ({shape.image_tokens} image tokens per sample"
         f"{', the worst case of the AnyRes grid' if shape.grid else ''}), "
-        f"quantization {recipe.model.quantization}, LoRA r={recipe.lora.r}, optimizer {t.optimizer}, loss {t.loss}, "
-        f"checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"quantization {recipe.model.quantization}, LoRA r={recipe.lora.r}, optimizer {t.optimizer}, loss {t.loss}",
     ]
     titles = {"weights": "weights", "trained": "trained parameters", "activations": f"at the peak ({est.moment})"}
     for group, title in titles.items():
@@ -69,7 +43,8 @@ def report(est, recipe, shape) -> list[str]:
 
 def run(args) -> int:
     from ..errors import RecipeError
-    from ..memory.estimate import estimate
+    from ..memory.budget import card_memory
+    from ..memory.checkpointing import plan
     from ..memory.fit import cheapest_fit
     from ..memory.shapes import model_shape
     from ..recipe.parse import load_recipe
@@ -81,8 +56,10 @@ def run(args) -> int:
     budget, card = card_memory(args.gpu_memory)
     recipe = load_recipe(recipes[0], overrides)
     shape = model_shape(recipe.model)
-    est = estimate(recipe, shape)
+    checkpointing = plan(recipe, shape, budget, card)
+    est = checkpointing.estimate
     print("\n".join(report(est, recipe, shape)))
+    print(checkpointing.describe())
     print(f"(data.max_length is the worst case: batches are padded to their longest sample; {est.tokens} tokens counted)")
     if est.total <= budget:
         print(f"fits: {card}, {(budget - est.total) / GiB:.1f} GiB to spare")

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 
 from ..recipe.schema import Recipe
-from ..training.loss import chunk_rows
+from .budget import chunk_rows
 from .shapes import GiB, ModelShape
 
 ALLOCATOR_SLACK = 0.08  # reserved beyond allocated: fragmentation of the caching allocator (assumed share)
@@ -180,7 +180,7 @@ def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int, devic
 
 NAMES = {
     "kept": "checkpointed layer inputs",
-    "saved": "saved activations of the layers not yet reached",
+    "saved": "activations saved by the layers not checkpointed",
     "other": "other activations (embeddings, projector, final norm)",
     "layer": "one recomputed layer",
     "working": "gradients in flight + dequantized weight",
@@ -224,19 +224,21 @@ def activation_terms(shape: ModelShape, recipe: Recipe, device: str = "cuda") ->
     }
 
 
-def activation_parts(shape: ModelShape, recipe: Recipe, device: str = "cuda") -> tuple[str, list[Part]]:
+def activation_parts(shape: ModelShape, recipe: Recipe, device: str = "cuda", checkpointed: int | None = None) -> tuple[str, list[Part]]:
     """The dynamic memory at the worst moment of a step: end of forward, either end of the backward pass, optimizer step.
 
-    Backward frees a layer's activations as it creates its LoRA gradients, so memory
-    is largest at one of the two ends of the backward pass, never in between.
+    `checkpointed` decoder layers (the first ones; default: the recipe's
+    choice, all of them for auto) keep only their input; the others keep every
+    activation. Backward frees a layer's activations as it creates its LoRA
+    gradients, so memory is largest at one of the two ends of the backward
+    pass, never in between. Checkpointing the first layers rather than the last
+    keeps the recompute away from the backward pass's start, where the most is held.
     """
     x, n = activation_terms(shape, recipe, device), shape.layers
-    if recipe.train.gradient_checkpointing:
-        held = [("kept", n * x["kept"])]
-        last, first = held + [("layer", x["layer"])], [("kept", x["kept"]), ("layer", x["layer"])]
-    else:
-        held = last = [("saved", n * x["layer"])]
-        first = [("saved", x["layer"])]
+    k = checkpointed_count(recipe, shape) if checkpointed is None else min(checkpointed, n)
+    held = [("kept", k * x["kept"]), ("saved", (n - k) * x["layer"])]
+    last = held + ([("layer", x["layer"])] if k == n else [])  # the last layer is recomputed only if checkpointed
+    first = [("kept", x["kept"]), ("layer", x["layer"])] if k else [("saved", x["layer"])]
     backward = [("other", x["other"]), ("working", x["working"])]
     moments = {
         "end of the forward pass": held + [("other", x["other"]), ("loss", x["loss"])],
@@ -248,6 +250,12 @@ def activation_parts(shape: ModelShape, recipe: Recipe, device: str = "cuda") ->
     return moment, [Part(key, NAMES[key] + _loss_detail(key, recipe, shape), b, "activations") for key, b in moments[moment] if b]
 
 
+def checkpointed_count(recipe: Recipe, shape: ModelShape) -> int:
+    """Decoder layers the recipe checkpoints; auto counts as all of them, the least memory it can reach."""
+    fixed = recipe.train.checkpointed_layers(shape.layers)
+    return shape.layers if fixed is None else fixed
+
+
 def _loss_detail(key: str, recipe: Recipe, shape: ModelShape) -> str:
     if key != "loss":
         return ""
@@ -256,10 +264,10 @@ def _loss_detail(key: str, recipe: Recipe, shape: ModelShape) -> str:
     return ": full logits in fp32, log-softmax and its gradient"
 
 
-def estimate(recipe: Recipe, shape: ModelShape, device: str = "cuda") -> Estimate:
-    """Peak GPU memory of training `recipe` on a model of `shape`, part by part."""
+def estimate(recipe: Recipe, shape: ModelShape, device: str = "cuda", checkpointed: int | None = None) -> Estimate:
+    """Peak GPU memory of training `recipe` on a model of `shape`, part by part (`checkpointed`: see activation_parts)."""
     parts = weight_parts(shape, recipe)
-    moment, dynamic = activation_parts(shape, recipe, device)
+    moment, dynamic = activation_parts(shape, recipe, device, checkpointed)
     parts += dynamic
     allocated = sum(p.bytes for p in parts)
     parts.append(Part("slack", f"allocator slack (~{ALLOCATOR_SLACK:.0%} of allocated)", ALLOCATOR_SLACK * allocated, "overhead"))

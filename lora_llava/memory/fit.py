@@ -17,7 +17,7 @@ def candidate_changes(recipe: Recipe) -> list[list[str]]:
     t, changes = recipe.train, []
     if t.loss != "chunked":
         changes.append(["train.loss=chunked"])
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing is not True and t.gradient_checkpointing != "auto":  # auto reaches all layers itself
         changes.append(["train.gradient_checkpointing=true"])
     if t.optimizer in ("adamw", "paged_adamw"):
         changes.append(["train.optimizer=adamw_8bit"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -21,7 +22,7 @@ import yaml
 
 from ..errors import RecipeError
 from ..io import atomic_write_text
-from .schema import LLM_LINEAR_LAYERS, SYNONYMS, Recipe, _type_name
+from .schema import LLM_LINEAR_LAYERS, MEMORY_SIZE, SYNONYMS, Recipe, _type_name
 from .shipped import find_recipe, shipped_recipes
 
 # ----------------------------------------------------------------------------- parsing
@@ -173,6 +174,11 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         )
     if not r.data.train:
         problems.append("data.train: at least one dataset is required")
+    g = r.train.gradient_checkpointing
+    if not isinstance(g, (bool, str)) and g < 0:
+        problems.append(f"train.gradient_checkpointing: {g} layers; give true, false, auto or a number of layers >= 0")
+    if r.train.gpu_memory is not None and not re.fullmatch(MEMORY_SIZE, str(r.train.gpu_memory).lower()):
+        problems.append(f"train.gpu_memory: {r.train.gpu_memory!r} is not a memory size (e.g. 24GiB, 80GB, 16000MiB)")
     if r.data.on_bad_sample == "skip" and r.data.max_bad_fraction == 0:
         problems.append(
             "data.on_bad_sample: skip needs data.max_bad_fraction > 0, the share of bad samples you accept (e.g. 0.01); "

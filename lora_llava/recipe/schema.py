@@ -193,6 +193,10 @@ def _default_split(specs: tuple[DatasetSpec, ...], split: str | tuple[str, ...])
     return tuple(s if not isinstance(s, DatasetSpec) or s.split is not None else dataclasses.replace(s, split=split) for s in specs)
 
 
+# A memory size: 24GiB, 24GB, 24G, 24 (GiB), 16000MiB, 1TB; GB counts as GiB, as GPU makers label memory.
+MEMORY_SIZE = r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib|t|tb|tib)?\s*"
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     output_dir: str = _f(help="Run folder: adapter, checkpoints, resolved recipe, metrics, plots.")
@@ -214,7 +218,15 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = _f(
         "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged AdamW."
     )
-    gradient_checkpointing: bool = _f(True, "Non-reentrant activation checkpointing of the language model.")
+    gradient_checkpointing: bool | int | Literal["auto"] = _f(
+        True,
+        "Non-reentrant activation checkpointing of the language model's decoder layers: true (all), false (none), "
+        "N (the first N), or auto (as few as fit the card's memory, see train.gpu_memory; `lora-llava estimate` shows the choice).",
+    )
+    gpu_memory: str | None = _f(
+        None,
+        "Memory gradient_checkpointing: auto plans for, e.g. 24GiB (null: the GPU's own; on the CPU, the machine's RAM).",
+    )
     loss: Literal["chunked", "standard"] = _f(
         "chunked",
         "chunked: cross-entropy over lm_head in chunks, never the full fp32 logits (same loss). standard: the model's own loss.",
@@ -234,6 +246,15 @@ class TrainConfig:
         "stop",
         "A step with a non-finite loss or gradients: stop (the last good checkpoint stays), or skip the step and count it.",
     )
+
+    def checkpointed_layers(self, layers: int) -> int | None:
+        """How many of `layers` decoder layers are checkpointed (the first ones); None for auto: the memory decides."""
+        g = self.gradient_checkpointing
+        if g == "auto":
+            return None
+        if isinstance(g, bool):  # before int: True == 1 in Python
+            return layers if g else 0
+        return min(g, layers)
 
     def global_batch(self, world_size: int = 1) -> int:
         """Samples per optimizer step over every process: the batch LLaVA-1.5's hyperparameters are quoted for."""

@@ -27,9 +27,22 @@ def lora_target_regex(layers: tuple[str, ...]) -> str:
     return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, layers))})"
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing: works with frozen inputs and without input grads."""
+def enable_checkpointing(model, layers: int | None = None) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs and without input grads).
+
+    `layers`: checkpoint only the first that many decoder layers of the language model; the
+    others keep their activations (None: all of them).
+    """
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if layers is not None:
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = i < layers
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers, in order (LLaVA-1.5 and NeXT, with or without peft around them)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.model.language_model.layers)
 
 
 def setup_instruct(model, recipe: Recipe):

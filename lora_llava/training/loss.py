@@ -23,13 +23,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from ..memory.budget import chunk_rows
+
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**23  # logits per chunk: 8M entries = 32 MiB in fp32, whatever the vocabulary
-
-
-def chunk_rows(vocab_size: int) -> int:
-    """Rows of hidden states scored at once, so that one chunk holds about CHUNK_ELEMENTS logits."""
-    return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -21,6 +21,7 @@ from ..data.build import build_dataset, check_local_inputs
 from ..data.dataset import collate
 from ..evaluate.callback import eval_callbacks
 from ..io import move_into
+from ..memory.checkpointing import plan_for_training
 from ..model.build import load_for_training
 from ..model.load import resolve_dtype
 from ..recipe.parse import dump_recipe
@@ -108,8 +109,9 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     # Seed before the adapters exist: LoRA's A matrices are drawn here, and resumed or
     # repeated runs must draw the same ones.
     set_seed(recipe.train.seed)
-    if recipe.train.gradient_checkpointing:
-        enable_checkpointing(model)
+    checkpointing = plan_for_training(recipe, model.config)
+    if checkpointing.layers:
+        enable_checkpointing(model, checkpointing.layers)
     model = setup_align(model, recipe) if recipe.stage == "align" else setup_instruct(model, recipe)
     report = param_report(model)
 
@@ -122,6 +124,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     args = training_arguments(recipe, out, eval_ds is not None, text_only=min(train_ds.modality_lengths()) < 0)
     if args.process_index == 0:
         print_start(report, recipe, train_ds, args.world_size)
+        print(checkpointing.describe(), flush=True)
     trainer = LlavaTrainer(
         model=model,
         args=args,

@@ -117,37 +117,47 @@ def test_chunked_loss_keeps_the_ignore_index_and_shift(lora_model_and_batch):
     _assert_same_grads(grads, plain, rtol=1e-4, atol=1e-6)
 
 
-def test_checkpointing_is_on_non_reentrant_and_changes_nothing(tiny_model, shapes, tmp_path):
-    """Activation checkpointing of every decoder layer, non-reentrant, with the same loss and gradients (dropout included)."""
+def test_checkpointing_all_or_some_layers_changes_nothing_and_recomputes_only_those(tiny_model, shapes, tmp_path):
+    """Non-reentrant checkpointing of none, all, or the first of the decoder layers (what auto chooses): the same loss
+    and gradients (dropout included); each checkpointed layer, and only it, runs its attention twice per step."""
     from lora_llava.data.build import build_dataset
     from lora_llava.data.dataset import collate
     from lora_llava.model.build import load_for_training
     from lora_llava.recipe.parse import parse_recipe
-    from lora_llava.training.lora import enable_checkpointing, setup_instruct
+    from lora_llava.training.lora import decoder_layers, enable_checkpointing, setup_instruct
 
     recipe = parse_recipe(recipe_dict(tiny_model, shapes, tmp_path / "r", lora={"dropout": 0.05}))
-    results = []
-    for checkpointing in (False, True):
+    results = {}
+    for checkpointed in ("none", "all", 1):
         model, processor = load_for_training(recipe)
-        if checkpointing:
-            enable_checkpointing(model)
-        torch.manual_seed(0)  # the same LoRA A initialisation in both models
+        n = len(decoder_layers(model))
+        k = {"none": 0, "all": n}.get(checkpointed, checkpointed)
+        if k:
+            enable_checkpointing(model, None if checkpointed == "all" else k)
+        torch.manual_seed(0)  # the same LoRA A initialisation in every model
         model = setup_instruct(model, recipe)
-        layers = model.get_base_model().model.language_model.layers
-        assert all(layer.gradient_checkpointing is checkpointing for layer in layers)
-        if checkpointing:
+        layers = decoder_layers(model)
+        assert [layer.gradient_checkpointing for layer in layers] == [i < k for i in range(n)]
+        if k:
             assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in layers)
+        calls = [0] * n
+        for i, layer in enumerate(layers):
+            layer.self_attn.register_forward_hook(lambda *_, i=i, calls=calls: calls.__setitem__(i, calls[i] + 1))
         model.train()
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.02, generator=torch.Generator().manual_seed(len(n)))
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02, generator=torch.Generator().manual_seed(len(name)))
         ds = build_dataset(recipe, processor)
         batch = collate([ds[i] for i in range(3)], processor.tokenizer.pad_token_id)
-        results.append(_loss_and_grads(model, batch, chunked=True))
-    (plain_loss, plain), (loss, grads) = results
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
-    _assert_same_grads(grads, plain, rtol=1e-4, atol=1e-6)
+        results[checkpointed] = _loss_and_grads(model, batch, chunked=True)
+        assert calls == [2 if i < k else 1 for i in range(n)], (checkpointed, calls)  # forward + one recompute each
+    assert 0 < 1 < n  # the partial case leaves a layer out
+    plain_loss, plain = results["none"]
+    for checkpointed in ("all", 1):
+        loss, grads = results[checkpointed]
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+        _assert_same_grads(grads, plain, rtol=1e-4, atol=1e-6)
 
 
 def test_training_with_chunked_and_standard_loss_gives_the_same_run(tiny_model, shapes, tmp_path):
