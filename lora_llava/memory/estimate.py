@@ -142,9 +142,10 @@ def _dtype_name(recipe: Recipe) -> str:
 def layer_bytes_per_token(shape: ModelShape, recipe: Recipe, device: str = "cuda") -> float:
     """Bytes one decoder layer saves for the backward pass, per token (without checkpointing).
 
-    On CUDA, dropout keeps a 1-byte mask; on the CPU peft runs LoRA's dropout in
-    fp32 (it sees no CUDA autocast), so the mask takes 4 bytes. RMSNorm upcasts its
-    input to fp32. SDPA keeps q, k, v, its output and an fp32 log-sum-exp per head.
+    LoRA's dropout keeps a 1-byte mask and the dropped input once per input it
+    draws for: q/k/v share one and gate/up another with lora.shared_dropout.
+    RMSNorm upcasts its input to fp32. SDPA keeps q, k, v, its output and an
+    fp32 log-sum-exp per head.
     """
     s = 4 if recipe.model.dtype == "float32" else 2
     h, i, r = shape.hidden, shape.intermediate, recipe.lora.r
@@ -157,18 +158,27 @@ def layer_bytes_per_token(shape: ModelShape, recipe: Recipe, device: str = "cuda
     if recipe.stage == "instruct":
         targets = {name: shape.linears()[name][0] for name in recipe.lora.target_modules}
         if recipe.lora.dropout > 0:
-            mask = 1 if device == "cuda" else 4
-            total += sum((mask + s) * d + s * r for d in targets.values())  # dropout mask, dropped input, A's output
+            inputs = _dropped_inputs(targets, recipe.lora.shared_dropout)
+            total += sum((1 + s) * d for d in inputs.values()) + s * r * len(targets)  # mask, dropped input; A's outputs
         else:
             # without dropout LoRA saves the layer's own inputs: q/k/v share one, gate/up another, and
             # o_proj's input is the attention output SDPA already keeps
-            shared = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
-            inputs = {shared.get(n, n): d for n, d in targets.items() if n != "o_proj"}
+            inputs = {_SHARED_INPUT.get(n, n): d for n, d in targets.items() if n != "o_proj"}
             total += s * sum(inputs.values()) + s * r * len(targets)
     if recipe.model.quantization == "int8":
         # bitsandbytes' 8-bit matmul keeps its input on ctx, outside autograd's saved tensors: checkpointing cannot free it
         total += s * (2 * h + q_dim + i)
     return total
+
+
+_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
+
+
+def _dropped_inputs(targets: dict[str, int], shared: bool) -> dict[str, int]:
+    """The inputs LoRA's dropout draws a mask for: shared by a whole group of adapted projections (training/dropout.py)."""
+    groups = {g: [n for n, k in _SHARED_INPUT.items() if k == g] for g in set(_SHARED_INPUT.values())}
+    whole = {g for g, names in groups.items() if shared and all(n in targets for n in names)}
+    return {(_SHARED_INPUT[n] if _SHARED_INPUT.get(n) in whole else n): d for n, d in targets.items()}
 
 
 def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int, device: str = "cuda") -> float:

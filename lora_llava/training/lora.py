@@ -20,6 +20,7 @@ import torch
 from ..errors import ModelError
 from ..model.projector import NEWLINE, PROJECTOR_MODULE
 from ..recipe.schema import Recipe
+from .dropout import share_lora_dropout
 
 
 def lora_target_regex(layers: tuple[str, ...]) -> str:
@@ -37,6 +38,24 @@ def enable_checkpointing(model, layers: int | None = None) -> None:
     if layers is not None:
         for i, layer in enumerate(decoder_layers(model)):
             layer.gradient_checkpointing = i < layers
+
+
+def vision_tower_without_graph(model) -> None:
+    """Let the frozen vision tower run once per step, building no autograd graph.
+
+    transformers' enable_input_require_grads (called by checkpointing, and by peft
+    again) hooks the input embeddings of every sub-model, CLIP's patch embedding
+    included: the frozen tower then builds a graph, is back-propagated through
+    and, checkpointed, recomputed, for gradients nothing reads. The projector's
+    gradients need the tower's output, not gradients through it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in base.model.vision_tower.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                del module._forward_hooks[key]
+        if getattr(module, "gradient_checkpointing", False):
+            module.gradient_checkpointing = False
 
 
 def decoder_layers(model) -> list:
@@ -58,6 +77,8 @@ def setup_instruct(model, recipe: Recipe):
         bias="none",
     )
     peft_model = get_peft_model(model, config)  # adapters start in fp32 (autocast_adapter_dtype)
+    share_lora_dropout(peft_model, shared=recipe.lora.shared_dropout)
+    vision_tower_without_graph(peft_model)
     if getattr(model.model, NEWLINE, None) is not None:
         # AnyRes: trained with the projector, at its rate; saved in the adapter either way (a HD model's is new)
         getattr(model.model, NEWLINE).requires_grad_(recipe.projector.trainable)
@@ -99,6 +120,7 @@ def setup_align(model, recipe: Recipe):
     if newline is not None:  # AnyRes: stage 1 aligns the row separator with the projector
         newline.data = newline.data.float()
         newline.requires_grad_(True)
+    vision_tower_without_graph(model)
     check_trainable(model, recipe)
     return model
 

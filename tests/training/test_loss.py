@@ -143,6 +143,10 @@ def test_checkpointing_all_or_some_layers_changes_nothing_and_recomputes_only_th
         calls = [0] * n
         for i, layer in enumerate(layers):
             layer.self_attn.register_forward_hook(lambda *_, i=i, calls=calls: calls.__setitem__(i, calls[i] + 1))
+        tower = model.get_base_model().model.vision_tower
+        tower_calls = []
+        for layer in tower.encoder.layers:
+            layer.self_attn.register_forward_hook(lambda m, args, out, seen=tower_calls: seen.append(out[0].requires_grad))
         model.train()
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -152,6 +156,8 @@ def test_checkpointing_all_or_some_layers_changes_nothing_and_recomputes_only_th
         batch = collate([ds[i] for i in range(3)], processor.tokenizer.pad_token_id)
         results[checkpointed] = _loss_and_grads(model, batch, chunked=True)
         assert calls == [2 if i < k else 1 for i in range(n)], (checkpointed, calls)  # forward + one recompute each
+        # The frozen tower runs once, building no graph: nothing is back-propagated through it or recomputed.
+        assert tower_calls == [False] * len(tower.encoder.layers), tower_calls
     assert 0 < 1 < n  # the partial case leaves a layer out
     plain_loss, plain = results["none"]
     for checkpointed in ("all", 1):
