@@ -4,6 +4,7 @@
     python benchmarks/gpu_qlora.py --optimizer adamw_8bit            # the lean optimizer
     python benchmarks/gpu_qlora.py --size 7b --r 64
     python benchmarks/gpu_qlora.py --size tiny --steps 3 --seq-len 64   # CPU smoke test, seconds
+    python benchmarks/gpu_qlora.py --trainers lora-llava lora-llava-auto --gpu-memory 24GiB   # auto on a 24 GiB budget
 
 The model has LLaVA-1.5's shape and random weights, built directly on the
 device: every module except the language model's linear layers is created in
@@ -14,6 +15,14 @@ image tokens and random text up to --seq-len tokens; the text after a short
 prompt is supervised. Settings follow recipes/medical.yaml (LoRA r=128 alpha
 256 dropout 0.05 on every linear layer of the language model, projector trained
 fully, batch 1, checkpointing, cosine schedule with warmup).
+
+`lora-llava-auto` is lora-llava with `train.gradient_checkpointing: auto`: it
+checkpoints only as many decoder layers as the card (or --gpu-memory) needs,
+and its figures come with the number it chose and the estimate for that choice.
+LLaMA-Factory and ms-swift are measured against lora-llava by
+benchmarks/peers.py, in virtual environments of their own that it builds from
+the package registry; where those exist on the GPU machine, run it there too
+(`python benchmarks/peers.py --help`).
 
 Each trainer runs in its own process so that peak memory is its own. Reported:
 peak allocated and reserved GPU memory (peak RSS on the CPU), tokens/s over the
@@ -50,7 +59,7 @@ SIZES = {
         vision_hidden=32, vision_intermediate=64, vision_layers=2, image_size=56, patch_size=14,
     ),
 }  # fmt: skip
-TRAINERS = ("lora-llava", "trl")
+TRAINERS = ("lora-llava", "lora-llava-auto", "trl")
 # Dense bf16 peak of each card, in TFLOP/s (vendor data sheets), for model FLOPs utilisation.
 PEAK_TFLOPS = {
     "H100 80GB HBM3": 989.4,
@@ -79,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=list(TRL_OPTIM), default="adamw", help="recipes/medical.yaml: adamw")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU for MFU (default: known cards)")
+    p.add_argument("--gpu-memory", help="memory lora-llava-auto plans for, e.g. 24GiB (default: the GPU's own)")
     p.add_argument("--json", type=Path, help="write all figures to this file")
     p.add_argument("--only", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: run one trainer in this process
     p.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
@@ -167,15 +177,17 @@ def synthetic_dataset(n: int, seq_len: int, shape: ModelShape, image_token: int,
     return datasets.Dataset.from_dict(rows).with_format("torch")
 
 
-def bench_recipe(args, out: Path):
+def bench_recipe(args, out: Path, checkpointing: str = "true"):
     from lora_llava.recipe.parse import load_recipe
 
+    memory = [f"train.gpu_memory={args.gpu_memory}"] if args.gpu_memory else []
     return load_recipe(
         ROOT / "recipes/medical.yaml",
         [
             f"lora.r={args.r}", f"lora.alpha={2 * args.r}", f"data.max_length={args.seq_len}", "data.eval=[]",
             "train.batch_size=1", "train.grad_accum=1", f"train.max_steps={args.steps}", f"train.optimizer={args.optimizer}",
             f"train.output_dir={out}", "train.save_steps=100000", "train.logging_steps=1",
+            f"train.gradient_checkpointing={checkpointing}", *memory,
         ],
     )  # fmt: skip
 
@@ -212,16 +224,21 @@ def _sync() -> None:
 
 
 def lora_llava_trainer(model, ds, recipe, out: Path, collate_fn, callbacks):
-    """lora-llava's path: checkpointing, LoRA + projector setup, its TrainingArguments and LlavaTrainer (chunked loss)."""
+    """lora-llava's path: checkpointing as train() plans it, LoRA + projector setup, its TrainingArguments and
+    LlavaTrainer (chunked loss). The plan is kept on the trainer as `checkpoint_plan`."""
+    from lora_llava.memory.checkpointing import plan_for_training
     from lora_llava.training.lora import enable_checkpointing, setup_instruct
     from lora_llava.training.run import training_arguments
     from lora_llava.training.trainer import LlavaTrainer
 
-    if recipe.train.gradient_checkpointing:
-        enable_checkpointing(model)
+    plan = plan_for_training(recipe, model.config)
+    if plan.layers:
+        enable_checkpointing(model, plan.layers)
     model = setup_instruct(model, recipe)
     args = training_arguments(recipe, out, has_eval=False)
-    return LlavaTrainer(model=model, args=args, train_dataset=ds, data_collator=collate_fn, callbacks=callbacks, recipe=recipe)
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=ds, data_collator=collate_fn, callbacks=callbacks, recipe=recipe)
+    trainer.checkpoint_plan = plan
+    return trainer
 
 
 def trl_trainer(model, ds, recipe, out: Path, collate_fn, callbacks, processor):
@@ -289,13 +306,13 @@ def run_one(name: str, args) -> dict:
         args.steps, args.seq_len, shape, image_token, text_vocab=min(shape.vocab, image_token)
     )  # no <image> or <pad> in the text
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    recipe = bench_recipe(args, out)
+    recipe = bench_recipe(args, out, "auto" if name == "lora-llava-auto" else "true")
     timer = StepTimer()
     collate_fn = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    if name == "lora-llava":
+    if name.startswith("lora-llava"):
         trainer = lora_llava_trainer(model, ds, recipe, out, collate_fn, [timer.callback])
     else:
         trainer = trl_trainer(model, ds, recipe, out, collate_fn, [timer.callback], processor)
@@ -310,6 +327,10 @@ def run_one(name: str, args) -> dict:
     result = {"trainer": name, "steps": len(timer.times), "tokens_per_s": tokens_per_s, "step_s": sum(timed) / len(timed),
               "tokens_per_cpu_s": args.seq_len * len(cpu_timed) / sum(cpu_timed),
               "model_tflops_per_s": flops / 1e12, "final_loss": losses[-1] if losses else None, "trainable_params": trainable}  # fmt: skip
+    plan = getattr(trainer, "checkpoint_plan", None)
+    if plan is not None:  # what lora-llava checkpointed, and the estimate for exactly that
+        result.update(checkpointed_layers=plan.layers, of_layers=plan.of, estimate_allocated_gib=plan.estimate.allocated / GiB,
+                      estimate_total_gib=plan.estimate.total / GiB)  # fmt: skip
     if torch.cuda.is_available():
         name_ = torch.cuda.get_device_name(0)
         peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name_), None)
@@ -358,17 +379,23 @@ def report(results: dict) -> list[str]:
             else f"peak RSS {r['peak_rss_gib']:.2f} GiB"
         )
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        if "checkpointed_layers" in r:
+            ratio = (
+                f", measured / estimated allocated {r['peak_allocated_gib'] / r['estimate_allocated_gib']:.2f}"
+                if "peak_allocated_gib" in r
+                else ""
+            )
+            mem += f"; {r['checkpointed_layers']} of {r['of_layers']} layers checkpointed{ratio}"
         lines.append(
             f"{r['trainer']:<11} {r['device']}: {r['tokens_per_s']:.1f} tokens/s ({r['step_s']:.3f} s/step), "
             f"{r['model_tflops_per_s']:.2f} model TFLOP/s{mfu}; {mem}; final loss {r['final_loss']:.4f}; "
             f"{r['trainable_params']:,} trainable"
         )
     runs = results["runs"]
-    if all(k in runs and "error" not in runs[k] for k in TRAINERS):
-        key = (
-            "tokens_per_s" if "peak_allocated_gib" in runs["trl"] else "tokens_per_cpu_s"
-        )  # wall time on a GPU, CPU time on a CPU
-        lines.append(f"lora-llava / TRL {key}: {runs['lora-llava'][key] / runs['trl'][key]:.2f}x")
+    trl = runs.get("trl", {"error": "not run"})
+    for ours in (k for k in ("lora-llava", "lora-llava-auto") if k in runs and "error" not in runs[k] and "error" not in trl):
+        key = "tokens_per_s" if "peak_allocated_gib" in trl else "tokens_per_cpu_s"  # wall time on a GPU, CPU time on a CPU
+        lines.append(f"{ours} / TRL {key}: {runs[ours][key] / trl[key]:.2f}x")
     e, ours = results["estimate"], runs.get("lora-llava", {})
     line = f"lora-llava estimate: peak allocated {e['allocated_gib']:.2f} GiB, total {e['total_gib']:.2f} GiB ({e['moment']})"
     if "peak_allocated_gib" in ours:

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_qlora.py runs on the CPU with the tiny shape, both trainers, and builds the model QLoRA loads."""
+"""benchmarks/gpu_qlora.py runs on the CPU with the tiny shape (lora-llava with checkpointing auto, TRL) and builds the model QLoRA loads."""
 
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ def test_gpu_benchmark_smoke_runs_both_trainers_on_cpu(tmp_path):
         "1",
         "--seq-len",
         "48",
+        "--trainers",
+        "lora-llava-auto",
+        "trl",
+        "--gpu-memory",
+        "1TiB",
         "--json",
         str(out),
     ]
@@ -68,10 +73,12 @@ def test_gpu_benchmark_smoke_runs_both_trainers_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     runs = data["runs"]
-    assert set(runs) == {"lora-llava", "trl"} and not any("error" in r for r in runs.values()), runs
+    assert set(runs) == {"lora-llava-auto", "trl"} and not any("error" in r for r in runs.values()), runs
+    assert runs["lora-llava-auto"]["checkpointed_layers"] == 0  # a 1 TiB card: auto recomputes nothing
     for r in runs.values():
         assert r["steps"] == 2 and r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0
         assert math.isfinite(r["final_loss"]) and abs(r["final_loss"] - math.log(1026)) < 1.0  # random model: ~ln(vocab)
-    assert runs["lora-llava"]["trainable_params"] == runs["trl"]["trainable_params"]  # same LoRA and projector
+    assert runs["lora-llava-auto"]["trainable_params"] == runs["trl"]["trainable_params"]  # same LoRA and projector
     assert 0 < data["estimate"]["allocated_gib"] < data["estimate"]["total_gib"]
-    assert "lora-llava / TRL tokens_per_cpu_s" in result.stdout and "lora-llava estimate" in result.stdout
+    assert "lora-llava-auto / TRL tokens_per_cpu_s" in result.stdout and "lora-llava estimate" in result.stdout
+    assert "0 of 2 layers checkpointed" in result.stdout
