@@ -44,7 +44,7 @@ class _Memo:
         self._result: torch.Tensor | None = None
         self._served = 0
 
-    def get(self, x: torch.Tensor, compute) -> torch.Tensor:
+    def get(self, x: torch.Tensor, compute):
         if self._result is not None and self._source is not None and self._source() is x and x._version == self._version:
             result = self._result
         else:
@@ -57,24 +57,24 @@ class _Memo:
 
 
 class _CpuDropout(torch.autograd.Function):
-    """Dropout for CPU tensors: the mask from uniform floats, kept as one byte per element.
+    """Dropout for CPU tensors without the 1/(1-p) scale: the mask from uniform floats, kept as one byte per element.
 
     torch's CPU dropout draws its mask with bernoulli_ and keeps it in the input's
     dtype; comparing uniform floats with p draws the same Bernoulli(1 - p) mask in
-    under half the time, and a bool mask is a quarter of an fp32 one.
+    under half the time, and a bool mask is a quarter of an fp32 one. The scale is
+    left to the caller, which folds it into LoRA's own (training/lora_forward.py).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
         ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return x * keep * ctx.scale
+        return x * keep
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None
+        return grad * keep, None
 
 
 class LoraDropout(nn.Dropout):
@@ -85,14 +85,19 @@ class LoraDropout(nn.Dropout):
         self._memo = _Memo(readers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropped, scale = self.drop(x)
+        return dropped if scale == 1.0 else dropped * scale
+
+    def drop(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with dropped elements zeroed, the scale still owed to the kept ones): dropout is x * mask * scale."""
         if not self.training or self.p == 0:
-            return x
+            return x, 1.0
         return self._memo.get(x, self._draw)
 
-    def _draw(self, x: torch.Tensor) -> torch.Tensor:
+    def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         if x.device.type == "cpu":
-            return _CpuDropout.apply(x, self.p)
-        return super().forward(x)  # CUDA's fused dropout: a 1-byte mask already
+            return _CpuDropout.apply(x, self.p), 1.0 / (1.0 - self.p)
+        return super().forward(x), 1.0  # CUDA's fused dropout, scaled, with a 1-byte mask already
 
 
 def _shared_cast(memo: _Memo):

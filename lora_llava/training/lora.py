@@ -21,6 +21,7 @@ from ..errors import ModelError
 from ..model.projector import NEWLINE, PROJECTOR_MODULE
 from ..recipe.schema import Recipe
 from .dropout import share_lora_dropout
+from .lora_forward import fuse_lora_forward
 
 
 def lora_target_regex(layers: tuple[str, ...]) -> str:
@@ -78,6 +79,7 @@ def setup_instruct(model, recipe: Recipe):
     )
     peft_model = get_peft_model(model, config)  # adapters start in fp32 (autocast_adapter_dtype)
     share_lora_dropout(peft_model, shared=recipe.lora.shared_dropout)
+    fuse_lora_forward(peft_model)
     vision_tower_without_graph(peft_model)
     if getattr(model.model, NEWLINE, None) is not None:
         # AnyRes: trained with the projector, at its rate; saved in the adapter either way (a HD model's is new)

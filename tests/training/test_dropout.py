@@ -67,16 +67,25 @@ def test_projections_reading_one_input_see_one_mask_and_others_their_own(tiny_mo
     assert not torch.equal(s["q_proj"] == 0, s["gate_proj"] == 0)  # different inputs, different masks
 
 
-def test_cpu_dropout_draws_bernoulli_keep_and_scales_like_torch():
+def test_cpu_dropout_draws_bernoulli_keep_and_owes_torch_s_scale():
     torch.manual_seed(0)
     x = torch.randn(200_000, dtype=torch.float64, requires_grad=True)
     p = 0.05
-    y = _CpuDropout.apply(x, p)
+    y = _CpuDropout.apply(x, p)  # the mask only; the scale goes into LoRA's
     kept = y != 0
     assert abs(kept.double().mean().item() - (1 - p)) < 3e-3
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    torch.testing.assert_close(y[kept], x[kept])
     y.backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, kept.double() / (1 - p))
+    torch.testing.assert_close(x.grad, kept.double())
+    d = LoraDropout(p).train()
+    dropped, owed = d.drop(x.detach())
+    assert owed == pytest.approx(1 / (1 - p))
+    torch.manual_seed(3)
+    a = d(x.detach())
+    torch.manual_seed(3)
+    b = torch.nn.functional.dropout(x.detach(), p)  # torch's own: same rate, same scale (another mask)
+    assert abs((a == 0).double().mean() - (b == 0).double().mean()) < 3e-3
+    torch.testing.assert_close(a[a != 0], x.detach()[a != 0] / (1 - p))
 
 
 def test_the_same_random_state_draws_the_same_mask_and_a_new_input_a_new_one():
@@ -84,11 +93,53 @@ def test_the_same_random_state_draws_the_same_mask_and_a_new_input_a_new_one():
     d = LoraDropout(0.5, readers=3)
     x = torch.randn(64, 32)
     torch.manual_seed(1)
-    a = [d(x) for _ in range(3)]
+    a = [d.drop(x)[0] for _ in range(3)]
     assert a[0] is a[1] is a[2]
     torch.manual_seed(1)
     x2 = x.clone()  # the recomputed input: equal values, another tensor
-    b = d(x2)
+    b = d.drop(x2)[0]
     assert b is not a[0] and torch.equal(b, a[0])
     x2.add_(1)  # changed in place: never served from the memo
-    assert not torch.equal(d(x2) == 0, b == 0)
+    assert not torch.equal(d.drop(x2)[0] == 0, b == 0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_model, shapes, tmp_path, dropout):
+    """Scaling on the rank and addmm (training/lora_forward.py) against peft's own forward, with the same masks."""
+    from peft.tuners.lora.layer import Linear
+
+    from lora_llava.data.build import build_dataset
+    from lora_llava.data.dataset import collate
+    from lora_llava.model.build import load_for_training
+    from lora_llava.recipe.parse import parse_recipe
+    from lora_llava.training.lora import setup_instruct
+    from lora_llava.training.loss import causal_lm_loss
+
+    recipe = parse_recipe(recipe_dict(tiny_model, shapes, tmp_path / "r", lora={"dropout": dropout}))
+    results = []
+    for fused in (True, False):
+        model, processor = load_for_training(recipe)
+        torch.manual_seed(0)
+        model = setup_instruct(model, recipe)
+        layers = [m for m in model.modules() if type(m) is Linear]
+        assert len(layers) == 7 * len(model.get_base_model().model.language_model.layers)
+        assert all(("forward" in vars(m)) is True for m in layers)  # every LoRA projection is fused
+        if not fused:
+            for m in layers:
+                del m.forward  # peft's own
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        model.train()
+        ds = build_dataset(recipe, processor)
+        batch = collate([ds[i] for i in range(3)], processor.tokenizer.pad_token_id)
+        torch.manual_seed(1)
+        loss, _ = causal_lm_loss(model, batch, None)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)
