@@ -66,15 +66,16 @@ class _CpuDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, p: float, scale: float = 1.0) -> torch.Tensor:
         keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
         ctx.save_for_backward(keep)
-        return x * keep
+        ctx.scale = scale
+        return x * keep if scale == 1.0 else x * keep * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * keep, None
+        return (grad * keep if ctx.scale == 1.0 else grad * keep * ctx.scale), None, None
 
 
 class LoraDropout(nn.Dropout):
@@ -83,6 +84,8 @@ class LoraDropout(nn.Dropout):
     def __init__(self, p: float, readers: int = 1):
         super().__init__(p)
         self._memo = _Memo(readers)
+        # True when every reader folds the scale into its own (the fused LoRA forward): the mask is all that is drawn.
+        self.fold_scale = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropped, scale = self.drop(x)
@@ -95,9 +98,11 @@ class LoraDropout(nn.Dropout):
         return self._memo.get(x, self._draw)
 
     def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if x.device.type == "cpu":
+        if x.device.type != "cpu":
+            return super().forward(x), 1.0  # CUDA's fused dropout, scaled, with a 1-byte mask already
+        if self.fold_scale:
             return _CpuDropout.apply(x, self.p), 1.0 / (1.0 - self.p)
-        return super().forward(x), 1.0  # CUDA's fused dropout, scaled, with a 1-byte mask already
+        return _CpuDropout.apply(x, self.p, 1.0 / (1.0 - self.p)), 1.0  # one scaled tensor every reader shares
 
 
 def _shared_cast(memo: _Memo):

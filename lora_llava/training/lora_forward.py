@@ -58,4 +58,13 @@ def fuse_lora_forward(model) -> int:
     layers = [m for m in model.modules() if type(m) is Linear]
     for layer in layers:
         layer.forward = types.MethodType(fused_forward, layer)
+    # A shared dropout leaves its scale to its readers only when all of them are fused.
+    fused = {id(m) for m in layers}
+    readers: dict[int, tuple[LoraDropout, list[bool]]] = {}
+    for m in model.modules():
+        for d in getattr(m, "lora_dropout", {}).values() if hasattr(m, "lora_dropout") else ():
+            if isinstance(d, LoraDropout):
+                readers.setdefault(id(d), (d, []))[1].append(id(m) in fused)
+    for d, flags in readers.values():
+        d.fold_scale = all(flags)
     return len(layers)
