@@ -78,8 +78,11 @@ def test_cpu_dropout_draws_bernoulli_keep_and_owes_torch_s_scale():
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, kept.double())
     d = LoraDropout(p).train()
+    d.fold_scale = True  # as the fused LoRA forward sets it
     dropped, owed = d.drop(x.detach())
     assert owed == pytest.approx(1 / (1 - p))
+    d.fold_scale = False  # a reader that does not fold it gets the scaled tensor
+    assert d.drop(x.detach())[1] == 1.0
     torch.manual_seed(3)
     a = d(x.detach())
     torch.manual_seed(3)
