@@ -13,6 +13,10 @@ one. lora-llava adds what a recipe run needs on top:
 * the launcher's engine (DeepSpeed ZeRO stage, FSDP) is read from the
   variables `accelerate launch` exports, and combinations that cannot train
   are refused before anything loads;
+* the shipped launcher configs (package data, `lora_llava/configs/`; the
+  repository's `configs/` links there) launch from any folder: their
+  DeepSpeed JSON, named relative to the repository root, is looked up among
+  the shipped files when the working directory has no such file;
 * under ZeRO-3 / FSDP the weights are sharded, so saving the final adapter
   first gathers them on every rank.
 
@@ -123,8 +127,39 @@ def sum_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
 # ----------------------------------------------------------------------------- the launcher's engine
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: the launcher configs shipped with lora-llava
+DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def deepspeed_config() -> Path | None:
+    """The DeepSpeed JSON `accelerate launch` named: from the working directory when it is there, else the shipped one.
+
+    accelerate passes the YAML's `deepspeed_config_file` on as written and
+    DeepSpeed opens it from the working directory, so the shipped YAMLs'
+    `configs/zero2.json` worked only from the repository root. A file of
+    that path from the working directory wins: a user's edited copy is used.
+    """
+    name = os.environ.get(DEEPSPEED_CONFIG_ENV)
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.is_file():
+        return path.absolute()
+    shipped = CONFIGS / path.name
+    if (len(path.parts) == 1 or path.parts[:-1] == ("configs",)) and shipped.is_file():
+        return shipped
+    names = ", ".join(f"configs/{p.name}" for p in sorted(CONFIGS.glob("*.json")))
+    raise LoraLlavaError(f"{DEEPSPEED_CONFIG_ENV}: {name} is not a file (from {Path.cwd()}); the shipped ones: {names}")
+
+
+def use_deepspeed_config() -> None:
+    """Point accelerate and DeepSpeed at `deepspeed_config()` by its absolute path; call before TrainingArguments."""
+    if _flag("ACCELERATE_USE_DEEPSPEED") and (path := deepspeed_config()) is not None:
+        os.environ[DEEPSPEED_CONFIG_ENV] = str(path)
 
 
 def zero_stage() -> int | None:
@@ -138,13 +173,13 @@ def zero_stage() -> int | None:
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if stage:
         return int(stage)
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not path:
+    path = deepspeed_config()
+    if path is None:
         return 0
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise LoraLlavaError(f"ACCELERATE_DEEPSPEED_CONFIG_FILE: cannot read {path} ({e})") from None
+        raise LoraLlavaError(f"{DEEPSPEED_CONFIG_ENV}: cannot read {path} ({e})") from None
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 

@@ -96,6 +96,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     """Train `recipe`; returns the run folder (adapter or projector, recipe, metrics, loss curve)."""
     recipe = absolute_paths(recipe)  # the run folder's recipe must work from any working directory
     out = Path(recipe.train.output_dir)
+    distributed.use_deepspeed_config()  # the shipped configs' JSON from any folder, before accelerate reads it
     distributed.check_engine(recipe)
     check_tracker(recipe)
     distributed.init()

@@ -1,10 +1,10 @@
 """The launcher configs under configs/: read by accelerate's own launcher code, and what lora-llava makes of them.
 
-DeepSpeed and FSDP need GPUs, so these tests stop where the launch would
-start processes: the YAML is what `accelerate launch` accepts, the variables
+These tests stop where the launch would start processes (test_engines.py
+launches them): the YAML is what `accelerate launch` accepts, the variables
 it would export build accelerate's DeepSpeed / FSDP plugins, the DeepSpeed
-JSON files resolve and take the recipe's batch settings, and lora-llava
-refuses the combinations that cannot train.
+JSON files resolve from any folder and take the recipe's batch settings, and
+lora-llava refuses the combinations that cannot train.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lora_llava.errors import LoraLlavaError
 from lora_llava.recipe.parse import parse_recipe
 from tests.helpers import ROOT, recipe_dict, run_cli, write_recipe
 
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "configs"  # links to the package data, lora_llava/configs
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
 JSONS = sorted(CONFIGS.glob("*.json"))
 
@@ -43,8 +43,8 @@ def launcher_env(config: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def launched(monkeypatch):
-    """Set a config's launcher variables in this process, as if accelerate had started it (from the repository root)."""
+def launched(monkeypatch, tmp_path):
+    """Set a config's launcher variables in this process, as if accelerate had started it in a folder that is not the repository."""
 
     def apply(name: str) -> dict[str, str]:
         for key in list(os.environ):
@@ -53,13 +53,18 @@ def launched(monkeypatch):
         env = launcher_env(CONFIGS / f"{name}.yaml")
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        monkeypatch.chdir(ROOT)  # DeepSpeed JSON paths are relative to where the user launches
+        monkeypatch.chdir(tmp_path)  # the YAMLs name their JSON relative to the repository root
         return env
 
     return apply
 
 
-def test_every_shipped_config_is_yaml_or_json():
+def test_every_shipped_config_is_yaml_or_json_and_package_data():
+    import tomllib
+
+    assert CONFIGS.resolve() == distributed.CONFIGS  # what a pip install ships is what the repository has
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lora_llava"]
+    assert {"configs/*.yaml", "configs/*.json"} <= set(package_data)
     assert {p.name for p in CONFIGS.iterdir()} == {p.name for p in YAMLS + JSONS}
     assert {p.stem for p in YAMLS} >= {"ddp", "zero2", "zero3", "fsdp", "fsdp_qlora"}
     for p in JSONS:
@@ -89,15 +94,31 @@ def test_deepspeed_configs_resolve_and_build_accelerates_plugin(launched, name, 
     from accelerate.utils import DeepSpeedPlugin
 
     env = launched(name)
-    json_path = Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
-    assert not json_path.is_absolute() and (ROOT / json_path).is_file()
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == f"configs/{name}.json"  # as written: not found from here
+    assert distributed.zero_stage() == stage
+    distributed.use_deepspeed_config()  # what `lora-llava train` does first
+    json_path = Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+    assert json_path == distributed.CONFIGS / f"{name}.json"
     plugin = DeepSpeedPlugin()  # reads the variables and the JSON, as the trainer will
     assert plugin.zero_stage == stage == distributed.zero_stage()
-    config = json.loads((ROOT / json_path).read_text())
+    config = json.loads(json_path.read_text())
     assert "optimizer" not in config and "scheduler" not in config  # lora-llava's two learning rates and schedule
     assert config["zero_allow_untested_optimizer"] is True  # bitsandbytes' 8-bit AdamW is a client optimizer
     if stage == 3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_a_deepspeed_json_in_the_launch_folder_wins_and_a_missing_one_is_named(launched, tmp_path, monkeypatch):
+    launched("zero2")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))  # a user's edit
+    assert distributed.zero_stage() == 1
+    distributed.use_deepspeed_config()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(tmp_path / "configs" / "zero2.json")
+    for missing in ("my/zero2.json", "configs/zero4.json"):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", missing)
+        with pytest.raises(LoraLlavaError, match=rf"{missing} is not a file \(from .*\); the shipped ones: configs/zero2.json"):
+            distributed.use_deepspeed_config()
 
 
 @pytest.mark.parametrize("json_name", [p.name for p in JSONS])
@@ -180,7 +201,7 @@ def test_cli_refuses_zero3_with_4bit_in_one_line_naming_the_rank(tiny_model, sha
         monkeypatch.setenv(k, v)
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", recipe_dict(tiny_model, shapes, out, model={"quantization": "nf4"}))
-    result = run_cli("train", str(recipe), cwd=ROOT)
+    result = run_cli("train", str(recipe), cwd=tmp_path)  # the JSON resolves from any folder
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
