@@ -40,16 +40,18 @@ def test_auto_checkpoints_the_fewest_layers_that_fit_and_fewer_on_larger_cards()
     assert chosen == sorted(chosen, reverse=True)
     assert chosen[0] > chosen[2] > 0 and chosen[-2:] == [0, 0]  # with room to spare nothing is recomputed
     assert 0 < plan(recipe, shape, 24 * GiB, "24 GiB").layers < n  # a 24 GiB card needs some of the 13B's layers, not all
-    # Keeping a layer's activations costs far more than its checkpointed input: each layer left out adds memory.
+    # Keeping a layer's activations costs far more than its checkpointed input: each layer left out adds memory,
+    # up to the last one, which (checkpointed) is recomputed at once and keeps its input besides.
     peaks = [estimate(recipe, shape, checkpointed=k).total for k in range(n + 1)]
-    assert peaks == sorted(peaks, reverse=True)
+    assert peaks[:-1] == sorted(peaks[:-1], reverse=True) and peaks[-1] >= peaks[-2] - 64 * 2**20
 
 
 def test_auto_that_cannot_fit_checkpoints_everything_and_says_so():
     recipe, shape = _auto(), BUILTIN_SHAPES["llava-hf/llava-1.5-13b-hf"]
     p = plan(recipe, shape, 8 * GiB, "8.0 GiB card")
-    assert (p.layers, p.fits) == (shape.layers, False)
-    assert p.describe().startswith("gradient checkpointing auto: all of 40 decoder layers checkpointed, and still")
+    peaks = [estimate(recipe, shape, checkpointed=k).total for k in range(shape.layers + 1)]
+    assert not p.fits and p.estimate.total == min(peaks) and p.layers == peaks.index(min(peaks)) >= shape.layers - 1
+    assert f"of 40 decoder layers checkpointed (the lowest peak), and still the predicted peak {min(peaks) / GiB:.1f} GiB" in p.describe()
 
 
 @pytest.mark.parametrize("value, layers", [(True, 40), (False, 0), (12, 12), (99, 40)])

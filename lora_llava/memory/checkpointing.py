@@ -5,8 +5,8 @@ backward pass: a third more forward work for that layer. On a card with room
 to spare that recompute buys nothing, so auto checkpoints the fewest first
 layers whose estimated peak (`lora-llava estimate`'s, slack and CUDA context
 included) still leaves MARGIN of the card free; the other layers keep their
-activations. When even all of them do not fit, all are checkpointed and the
-estimate says by how much the card is short.
+activations. When no choice fits, the one with the lowest peak is taken and the
+estimate says by how much the card is short (the lowest peak is chosen then).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class CheckpointPlan:
         peak = f"predicted peak {self.estimate.total / GiB:.1f} GiB of {self.card}"
         if self.fits:
             return f"gradient checkpointing auto: {what}; {peak}, {MARGIN:.0%} kept free"
-        return f"gradient checkpointing auto: {what}, and still the {peak} leaves less than {MARGIN:.0%} free"
+        return f"gradient checkpointing auto: {what} (the lowest peak), and still the {peak} leaves less than {MARGIN:.0%} free"
 
 
 def plan(recipe: Recipe, shape: ModelShape, budget: float, card: str, device: str = "cuda") -> CheckpointPlan:
@@ -52,12 +52,13 @@ def plan(recipe: Recipe, shape: ModelShape, budget: float, card: str, device: st
     fixed = recipe.train.checkpointed_layers(n)
     if fixed is not None:
         return CheckpointPlan(fixed, n, estimate(recipe, shape, device, fixed), auto=False, budget=budget, card=card)
-    for k in range(n + 1):  # the peak falls as k grows: the first k that fits is the fewest recomputes
-        est = estimate(recipe, shape, device, k)
-        chosen = CheckpointPlan(k, n, est, auto=True, budget=budget, card=card)
-        if chosen.fits:
-            return chosen
-    return chosen
+    plans = [CheckpointPlan(k, n, estimate(recipe, shape, device, k), auto=True, budget=budget, card=card) for k in range(n + 1)]
+    fitting = [p for p in plans if p.fits]
+    if fitting:
+        return fitting[0]  # the fewest recomputes that fit
+    # Nothing fits: the lowest peak. (Checkpointing the last layer too can cost more than keeping its
+    # activations: its input is kept and it is recomputed first thing in the backward pass.)
+    return min(plans, key=lambda p: p.estimate.total)
 
 
 def plan_for_training(recipe: Recipe, config) -> CheckpointPlan:
