@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import bitsandbytes as bnb
+import pytest
 import torch
 
 from tests.helpers import ROOT
@@ -82,3 +83,19 @@ def test_gpu_benchmark_smoke_runs_both_trainers_on_cpu(tmp_path):
     assert 0 < data["estimate"]["allocated_gib"] < data["estimate"]["total_gib"]
     assert "lora-llava-auto / TRL tokens_per_cpu_s" in result.stdout and "lora-llava estimate" in result.stdout
     assert "0 of 2 layers checkpointed" in result.stdout
+
+
+def test_simulated_step_on_fake_cuda_tracks_what_estimate_predicts(tmp_path):
+    """benchmarks/simulate_step.py: a 2-layer LLaVA-1.5-13B QLoRA step on fake CUDA tensors, no real memory for it."""
+    out = tmp_path / "sim.json"
+    args = ["--case", "13b-adamw8bit", "--layers", "2", "--json", str(out)]
+    cmd = [sys.executable, str(ROOT / "benchmarks/simulate_step.py"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    case = json.loads(out.read_text())["cases"]["13b-adamw8bit"]
+    tracked, est = case["tracked"], {p["key"]: p["bytes"] for p in case["estimate"]["parts"]}
+    for key in ("llm", "embeddings", "vision", "projector_frozen", "lora", "projector", "optimizer"):
+        assert tracked["static"][key] == pytest.approx(est[key], rel=1e-3), key  # the allocator's 512-byte blocks aside
+    assert abs(case["estimate"]["allocated"] - tracked["peak"]) < 0.1 * tracked["peak"]
+    assert tracked["moment"].startswith("micro-batch 2")  # accumulating: the earlier micro-batch's gradients stay
+    assert set(case["attention_kernels"]) == {"flash"} and case["peak_rss_gib"] < 2  # fake tensors: nothing allocated

@@ -142,8 +142,10 @@ def _dtype_name(recipe: Recipe) -> str:
 def layer_bytes_per_token(shape: ModelShape, recipe: Recipe, device: str = "cuda") -> float:
     """Bytes one decoder layer saves for the backward pass, per token (without checkpointing).
 
-    LoRA's dropout keeps a 1-byte mask and the dropped input once per input it
-    draws for: q/k/v share one and gate/up another with lora.shared_dropout.
+    LoRA's dropout keeps its mask (1 byte on CUDA; on the CPU lora-llava's draw keeps
+    it in the input's dtype, which multiplies far faster than a bool) and the dropped
+    input once per input it draws for: q/k/v share one and gate/up another with
+    lora.shared_dropout.
     RMSNorm upcasts its input to fp32. SDPA keeps q, k, v, its output and an
     fp32 log-sum-exp per head.
     """
@@ -159,7 +161,8 @@ def layer_bytes_per_token(shape: ModelShape, recipe: Recipe, device: str = "cuda
         targets = {name: shape.linears()[name][0] for name in recipe.lora.target_modules}
         if recipe.lora.dropout > 0:
             inputs = _dropped_inputs(targets, recipe.lora.shared_dropout)
-            total += sum((1 + s) * d for d in inputs.values()) + s * r * len(targets)  # mask, dropped input; A's outputs
+            mask = 1 if device == "cuda" else s
+            total += sum((mask + s) * d for d in inputs.values()) + s * r * len(targets)  # mask, dropped input; A's outputs
         else:
             # without dropout LoRA saves the layer's own inputs: q/k/v share one, gate/up another, and
             # o_proj's input is the attention output SDPA already keeps
@@ -196,6 +199,7 @@ NAMES = {
     "working": "gradients in flight + dequantized weight",
     "grads": "gradients, fp32",
     "loss": "loss",
+    "copies": "autocast's 16-bit copies of checkpointed layers' LoRA weights",
     "optimizer_tmp": "optimizer temporaries (foreach AdamW)",
 }
 
@@ -221,15 +225,23 @@ def activation_terms(shape: ModelShape, recipe: Recipe, device: str = "cuda") ->
         )  # one chunk (16-bit, fp32) + hidden rows and their gradient
     else:
         loss = 12 * bt * v  # fp32 logits, log-softmax, its gradient (16-bit logits freed by then)
+    # The Trainer zeroes gradients only after the optimizer step: from the second micro-batch of an accumulating
+    # step on, every gradient of the earlier ones stays allocated through the whole backward pass.
+    accumulated = 4 * (sum(lora) + sum(proj)) if t.grad_accum > 1 else 0
     return {
         "layer": layer_activation_bytes(shape, recipe, bt, device),
         "kept": bt * h * s + int8_kept,  # per checkpointed layer
         "other": other + (2 * sum(proj) if autocast else 0),
         "working": bt * s * (h + i) + dequant,  # a layer's first gradients appear before its saved tensors go
         "loss": loss,
-        "layer_grads": 4 * lora_layer,
-        "lora_grads": 4 * sum(lora),  # the projector's come after the language model's backward pass
+        "layer_grads": accumulated or 4 * lora_layer,
+        "lora_grads": accumulated or 4 * sum(lora),  # a first micro-batch's projector gradients come after the LLM's
         "grads": 4 * (sum(lora) + sum(proj)),
+        # autocast caches the 16-bit copy of every fp32 LoRA weight it casts until the forward pass ends, so the
+        # forward pass peaks at its last decoder layer holding every checkpointed layer's copies
+        # (benchmarks/simulate_step.py: the 13B QLoRA step's peak); the accumulated gradients are there too.
+        "copies": 2 * lora_layer if autocast else 0,  # per checkpointed layer, until the forward pass ends
+        "accumulated": accumulated,
         "optimizer_tmp": 4 * (sum(lora) + sum(proj)) if device != "cuda" and t.optimizer == "adamw" else 0,
     }
 
@@ -250,8 +262,12 @@ def activation_parts(shape: ModelShape, recipe: Recipe, device: str = "cuda", ch
     last = held + ([("layer", x["layer"])] if k == n else [])  # the last layer is recomputed only if checkpointed
     first = [("kept", x["kept"]), ("layer", x["layer"])] if k else [("saved", x["layer"])]
     backward = [("other", x["other"]), ("working", x["working"])]
+    # Until the forward pass ends autocast keeps each checkpointed layer's 16-bit LoRA copies; with accumulation the
+    # earlier micro-batches' gradients are there too. The forward pass peaks in its last layer or at its end.
+    forward = [("copies", k * x["copies"]), ("grads", x["accumulated"]), ("other", x["other"])]
     moments = {
-        "end of the forward pass": held + [("other", x["other"]), ("loss", x["loss"])],
+        "forward pass, last decoder layer": held + forward + ([("layer", x["layer"])] if k == n else []),
+        "end of the forward pass": held + forward + [("loss", x["loss"])],
         "backward pass, last decoder layer": last + backward + [("grads", x["layer_grads"])],
         "backward pass, first decoder layer": first + backward + [("grads", x["lora_grads"])],
         "optimizer step": [("grads", x["grads"]), ("optimizer_tmp", x["optimizer_tmp"])],
