@@ -29,6 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers_lib.workload import Workload, prepare  # noqa: E402  (the model and data benchmarks/peers.py trains)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,32 +44,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare(workdir: Path) -> None:
-    from lora_llava.data.synthetic import make_shapes_dataset
-    from lora_llava.model.tiny import make_tiny
-
-    if not (workdir / "model" / "config.json").is_file():
-        make_tiny(workdir / "model", image_size=336, text_hidden=256, vision_hidden=64, layers=4)
-    if not (workdir / "data" / "train.json").is_file():
-        make_shapes_dataset(workdir / "data", n_images=40, seed=0, split="train")
-
-
-def recipe_for(workdir: Path, checkpointing, steps: int, out: Path):
+def recipe_for(work: Workload, checkpointing, steps: int, out: Path):
     from lora_llava.recipe.parse import parse_recipe
 
     return parse_recipe(
         {
-            "model": {"name_or_path": str(workdir / "model"), "dtype": "float32"},
+            "model": {"name_or_path": str(work.model), "dtype": "float32"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
-            "data": {"train": [{"path": str(workdir / "data/train.json"), "image_folder": str(workdir / "data/images")}],
-                     "max_length": 1024},
+            "data": {"train": [{"path": str(work.llava_json), "image_folder": str(work.images)}], "max_length": 1024},
             "train": {"output_dir": str(out), "max_steps": steps, "batch_size": 4, "save_steps": 100000, "seed": 0,
                       "gradient_checkpointing": checkpointing},
         }
     )  # fmt: skip
 
 
-def run_one(workdir: Path, checkpointing, args) -> dict:
+def run_one(work: Workload, checkpointing, args) -> dict:
     """One training run; attention calls and CPU time per optimizer step, counted by wrapping the trainer's step."""
     from transformers import Trainer
 
@@ -91,7 +83,7 @@ def run_one(workdir: Path, checkpointing, args) -> dict:
     Trainer.__init__, Trainer.training_step = counting_init, timed_step
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run = train(recipe_for(workdir, checkpointing, args.steps, Path(tmp) / "run"))
+            run = train(recipe_for(work, checkpointing, args.steps, Path(tmp) / "run"))
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     finally:
         Trainer.__init__, Trainer.training_step = original_init, original_step
@@ -111,9 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("LORA_LLAVA_PROGRESS", "0")
     settings = [True, 2, False]
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir or Path(tmp)
-        prepare(workdir)
-        runs = [run_one(workdir, c, args) for _ in range(args.rounds) for c in settings]
+        work = prepare(args.workdir or Path(tmp))
+        runs = [run_one(work, c, args) for _ in range(args.rounds) for c in settings]
     results = {"command": "python benchmarks/checkpointing.py " + " ".join(argv), "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "runs": runs}  # fmt: skip
     base = statistics.median(r["tokens_per_cpu_s"] for r in runs if r["gradient_checkpointing"] is True)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 
 from lora_llava.errors import RecipeError
-from lora_llava.memory.budget import GiB
 from lora_llava.memory.checkpointing import MARGIN, plan, plan_for_training
 from lora_llava.memory.estimate import estimate
-from lora_llava.memory.shapes import BUILTIN_SHAPES
+from lora_llava.memory.shapes import BUILTIN_SHAPES, GiB
 from lora_llava.recipe.parse import load_recipe, parse_recipe
 from tests.helpers import ROOT, recipe_dict, run_main
 

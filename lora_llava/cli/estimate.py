@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..memory.budget import DEFAULT_GPU, GiB
+from ..memory.budget import DEFAULT_GPU
+from ..memory.shapes import GiB
 
 
 def register(sub, common) -> None:

@@ -7,8 +7,8 @@ import re
 
 from ..errors import RecipeError
 from ..recipe.schema import MEMORY_SIZE
+from .shapes import GiB
 
-GiB = 2**30
 DEFAULT_GPU = "24GiB"  # what `estimate` assumes without a GPU or a size: the card QLoRA-13B is meant for
 CHUNK_ELEMENTS = 2**23  # logits per chunk of the chunked loss: 8M entries = 32 MiB in fp32, whatever the vocabulary
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..recipe.schema import Recipe
-from .budget import GiB
 from .estimate import Estimate, estimate
-from .shapes import ModelShape
+from .shapes import GiB, ModelShape
 
 MARGIN = 0.05  # of the card left free beyond the estimate: what the estimate cannot see (other processes, drift)
 

@@ -23,7 +23,7 @@ import torch
 from .dropout import LoraDropout
 
 
-def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+def _fusable(layer, args: tuple, kwargs: dict) -> str | None:
     """The one adapter this call can compute on the fused path, or None for peft's forward."""
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
@@ -36,7 +36,7 @@ def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
 
 
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = _fusable(self, x, args, kwargs)
+    name = _fusable(self, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
@@ -62,7 +62,8 @@ def fuse_lora_forward(model) -> int:
     fused = {id(m) for m in layers}
     readers: dict[int, tuple[LoraDropout, list[bool]]] = {}
     for m in model.modules():
-        for d in getattr(m, "lora_dropout", {}).values() if hasattr(m, "lora_dropout") else ():
+        dropouts = m.lora_dropout.values() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) else ()
+        for d in dropouts:
             if isinstance(d, LoraDropout):
                 readers.setdefault(id(d), (d, []))[1].append(id(m) in fused)
     for d, flags in readers.values():
